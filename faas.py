@@ -1,0 +1,1436 @@
+#!/usr/bin/env python3
+"""faas — a Function-as-a-Service server for one Linux box.
+
+Users POST Python, JavaScript or TypeScript function bodies; each upload becomes a new,
+immutable version of an HTTP endpoint. Every call runs in a fresh Bubblewrap sandbox and
+answers as JSON or as a live Server-Sent-Events stream. Compatible with go-faas's HTTP API
+and environment variables.
+
+The module reads top to bottom in the order a request flows through it:
+Config -> Store -> Runtimes -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
+Standard library only; redis-py is imported only when a Redis store is configured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+HERE = Path(__file__).resolve().parent
+LOG = logging.getLogger("faas")
+
+
+class ApiError(Exception):
+    """An error the user caused or must be told about: becomes a JSON answer."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+# ==========================================================================================
+# 1. Config
+# ==========================================================================================
+
+class ConfigError(Exception):
+    """A setting has a value the server cannot use; the message names the variable."""
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(name: str, text: str) -> int:
+    """Bytes from systemd-style sizes: 128M, 1G, 65536, 64K (binary units, as systemd)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGTB]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{name}={text!r} is not a size (examples: 128M, 1G, 65536)")
+    value = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    if value <= 0:
+        raise ConfigError(f"{name}={text!r} must be greater than zero")
+    return value
+
+
+def parse_number(name: str, text: str, kind: type = int, minimum: float = 0) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={text!r} must be at least {minimum}")
+    return value
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (as go-faas reads it); comments, `export` and quotes allowed."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    data_dir: Path
+    redis_url: str | None
+    redis_prefix: str
+    redis_timeout: float
+    max_memory: int
+    max_cpus: float
+    max_pids: int
+    body_max: int
+    timeout: float
+    max_output: int
+    tmp_size: int
+    max_runs: int
+    queue_timeout: float
+    token: str | None
+    insecure: bool
+    sandbox_uid: int
+    sandbox_gid: int
+    limits: str
+    esbuild: Path | None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "Config":
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, default).strip()
+
+        data_dir = get("FAAS_DATA_DIR") or get("STATE_DIRECTORY").split(":")[0] or "faas-data"
+        redis_url = get("REDIS_URL") or None
+        if not redis_url and get("REDIS_HOST"):
+            redis_url = redis_url_from_parts(get)
+        limits = get("FAAS_LIMITS", "auto")
+        if limits not in LIMIT_BACKENDS:
+            raise ConfigError(f"FAAS_LIMITS={limits!r} must be one of {', '.join(LIMIT_BACKENDS)}")
+        host = get("FAAS_HOST", "127.0.0.1")
+        token = get("FAAS_TOKEN") or None
+        insecure = get("FAAS_INSECURE").lower() in ("1", "true", "yes")
+        if not is_loopback(host) and not token and not insecure:
+            raise ConfigError(f"FAAS_HOST={host!r} is not a loopback address: anyone reaching it "
+                              "could run code. Set FAAS_TOKEN, or FAAS_INSECURE=1 to accept that")
+        esbuild = get("FAAS_ESBUILD") or str(HERE / "node_modules/@esbuild/linux-x64/bin/esbuild")
+        uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID", "65534"), int, 1)
+        cpus = os.cpu_count() or 1
+        return cls(
+            host=host,
+            port=parse_number("HTTP_PORT", get("HTTP_PORT", "8080"), int, 0),
+            data_dir=Path(data_dir),
+            redis_url=redis_url,
+            redis_prefix=get("FAAS_REDIS_PREFIX", "faas:"),
+            redis_timeout=parse_number("REDIS_TIMEOUT_SECONDS", get("REDIS_TIMEOUT_SECONDS", "5"), float, 0.1),
+            max_memory=parse_size("MAX_MEMORY", get("MAX_MEMORY", "128M")),
+            max_cpus=parse_number("MAX_CPUS", get("MAX_CPUS", "1"), float, 0.01),
+            max_pids=parse_number("FAAS_MAX_PIDS", get("FAAS_MAX_PIDS", "64"), int, 4),
+            body_max=parse_number("CODE_MAX_SIZE", get("CODE_MAX_SIZE", "262144"), int, 1),
+            timeout=parse_number("TIMEOUT_SCRIPT", get("TIMEOUT_SCRIPT", "30"), float, 0.1),
+            max_output=parse_size("FAAS_MAX_OUTPUT", get("FAAS_MAX_OUTPUT", "1M")),
+            tmp_size=parse_size("FAAS_TMP_SIZE", get("FAAS_TMP_SIZE", "64M")),
+            max_runs=parse_number("FAAS_MAX_RUNS", get("FAAS_MAX_RUNS", str(4 * cpus)), int, 1),
+            queue_timeout=parse_number("FAAS_QUEUE_TIMEOUT", get("FAAS_QUEUE_TIMEOUT", "2"), float, 0),
+            token=token,
+            insecure=insecure,
+            sandbox_uid=uid,
+            sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID", str(uid)), int, 1),
+            limits=limits,
+            esbuild=Path(esbuild),
+        )
+
+
+def redis_url_from_parts(get: Callable[..., str]) -> str:
+    """The seed's REDIS_HOST/PORT/PASSWORD/DB as one redis:// URL."""
+    port = parse_number("REDIS_PORT", get("REDIS_PORT", "6379"), int, 1)
+    db = parse_number("REDIS_DB", get("REDIS_DB", "0"), int, 0)
+    password = get("REDIS_PASSWORD")
+    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{get('REDIS_HOST')}:{port}/{db}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ==========================================================================================
+# 2. Store
+# ==========================================================================================
+
+PATH_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+PATH_MAX = 200
+
+
+def check_path(path: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ApiError(400, "path is required: a string like 'team/hello'")
+    if len(path) > PATH_MAX:
+        raise ApiError(400, f"path is longer than {PATH_MAX} characters")
+    if not PATH_RE.fullmatch(path) or any(part in (".", "..") for part in path.split("/")):
+        raise ApiError(400, "path must be segments of letters, digits, '.', '_' or '-' "
+                            "separated by single '/', without '.' or '..' segments")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+    """One immutable upload. `compiled` is what runs (TypeScript's JavaScript), else None."""
+    path: str
+    version: int
+    language: str
+    code: str
+    compiled: str | None
+    created: float
+
+    @property
+    def runnable(self) -> str:
+        return self.compiled if self.compiled is not None else self.code
+
+    def summary(self) -> dict[str, Any]:
+        return {"version": self.version, "language": self.language, "size": len(self.code.encode()),
+                "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created}
+
+
+def next_version(previous: int) -> int:
+    """Versions are Unix seconds, but always above the previous one: no two uploads collide."""
+    return max(int(time.time()), previous + 1)
+
+
+class Store(Protocol):
+    kind: str
+
+    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version: ...
+    def get(self, path: str, version: int | None = None) -> Version | None: ...
+    def list_functions(self) -> list[dict[str, Any]]: ...
+    def list_versions(self, path: str) -> list[dict[str, Any]]: ...
+    def delete(self, path: str, version: int | None = None) -> bool: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """The embedded default: one SQLite file, WAL, synchronous=FULL (a 200 means it is on disk)."""
+    kind = "sqlite"
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS functions (
+            path TEXT PRIMARY KEY, latest INTEGER NOT NULL, high_water INTEGER NOT NULL,
+            updated REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS versions (
+            path TEXT NOT NULL, version INTEGER NOT NULL, language TEXT NOT NULL,
+            code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL,
+            PRIMARY KEY (path, version));
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.file = data_dir / "faas.sqlite3"
+        self.local = threading.local()
+        with self.connect() as db:
+            db.executescript(self.SCHEMA)
+
+    def connect(self) -> sqlite3.Connection:
+        """One connection per thread; writers serialise on SQLite's own lock."""
+        db = getattr(self.local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.file, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self.local.db = db
+        return db
+
+    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version:
+        db = self.connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
+            version = next_version(row[0] if row else 0)
+            now = time.time()
+            db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?)",
+                       (path, version, language, code, compiled, now))
+            db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
+                       "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
+                       (path, version, version, now))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Version(path, version, language, code, compiled, now)
+
+    def get(self, path: str, version: int | None = None) -> Version | None:
+        db = self.connect()
+        if version is None:
+            row = db.execute("SELECT v.path, v.version, v.language, v.code, v.compiled, v.created "
+                             "FROM functions f JOIN versions v ON v.path=f.path AND v.version=f.latest "
+                             "WHERE f.path=?", (path,)).fetchone()
+        else:
+            row = db.execute("SELECT path, version, language, code, compiled, created FROM versions "
+                             "WHERE path=? AND version=?", (path, version)).fetchone()
+        return Version(*row) if row else None
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        rows = self.connect().execute(
+            "SELECT f.path, v.language, f.latest, (SELECT count(*) FROM versions c WHERE c.path=f.path), "
+            "f.updated FROM functions f JOIN versions v ON v.path=f.path AND v.version=f.latest "
+            "ORDER BY f.path").fetchall()
+        return [{"path": p, "language": lang, "latest": latest, "versions": n, "updated": updated}
+                for p, lang, latest, n, updated in rows]
+
+    def list_versions(self, path: str) -> list[dict[str, Any]]:
+        rows = self.connect().execute(
+            "SELECT path, version, language, code, compiled, created FROM versions WHERE path=? "
+            "ORDER BY version", (path,)).fetchall()
+        return [Version(*row).summary() for row in rows]
+
+    def delete(self, path: str, version: int | None = None) -> bool:
+        db = self.connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if version is None:
+                gone = db.execute("DELETE FROM versions WHERE path=?", (path,)).rowcount
+            else:
+                gone = db.execute("DELETE FROM versions WHERE path=? AND version=?", (path, version)).rowcount
+            newest = db.execute("SELECT max(version) FROM versions WHERE path=?", (path,)).fetchone()[0]
+            if newest is None:
+                db.execute("DELETE FROM functions WHERE path=?", (path,))
+            else:
+                db.execute("UPDATE functions SET latest=? WHERE path=? AND latest NOT IN "
+                           "(SELECT version FROM versions WHERE path=?)", (newest, path, path))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return gone > 0
+
+    def ping(self) -> None:
+        self.connect().execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        db = getattr(self.local, "db", None)
+        if db is not None:
+            db.close()
+            self.local.db = None
+
+
+class RedisStore:
+    """Versions in Redis under readable keys, all starting with the configured prefix:
+    `<prefix>functions` (set of paths), `<prefix>function:<path>` (hash: latest, high_water,
+    updated), `<prefix>function:<path>:versions` (sorted set), `<prefix>function:<path>:v:<n>`
+    (hash: language, code, compiled, created). A Lua script assigns versions atomically."""
+    kind = "redis"
+    PUT_SCRIPT = """
+        local high = tonumber(redis.call('HGET', KEYS[2], 'high_water') or '0')
+        local version = math.max(tonumber(ARGV[1]), high + 1)
+        redis.call('HSET', KEYS[3] .. version, 'language', ARGV[2], 'code', ARGV[3],
+                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6])
+        redis.call('ZADD', KEYS[4], version, version)
+        redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
+        redis.call('SADD', KEYS[1], ARGV[7])
+        return version
+    """
+    DELETE_SCRIPT = """
+        local versions
+        if ARGV[2] == '' then
+            versions = redis.call('ZRANGE', KEYS[4], 0, -1)
+        elseif redis.call('ZSCORE', KEYS[4], ARGV[2]) then
+            versions = {ARGV[2]}
+        else
+            return 0
+        end
+        for _, v in ipairs(versions) do
+            redis.call('DEL', KEYS[3] .. v)
+            redis.call('ZREM', KEYS[4], v)
+        end
+        local newest = redis.call('ZRANGE', KEYS[4], -1, -1)
+        if #newest == 0 then
+            redis.call('DEL', KEYS[2], KEYS[4])
+            redis.call('SREM', KEYS[1], ARGV[1])
+        elseif not redis.call('ZSCORE', KEYS[4], redis.call('HGET', KEYS[2], 'latest')) then
+            redis.call('HSET', KEYS[2], 'latest', newest[1])
+        end
+        return #versions
+    """
+
+    def __init__(self, url: str, prefix: str, timeout: float) -> None:
+        import redis  # only needed with a Redis store
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                          health_check_interval=30)
+        self.prefix = prefix
+        self.put_script = self.redis.register_script(self.PUT_SCRIPT)
+        self.delete_script = self.redis.register_script(self.DELETE_SCRIPT)
+        self.ping()
+
+    def keys(self, path: str) -> list[str]:
+        base = f"{self.prefix}function:{path}"
+        return [f"{self.prefix}functions", base, f"{base}:v:", f"{base}:versions"]
+
+    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version:
+        now = time.time()
+        version = int(self.put_script(keys=self.keys(path), args=[
+            int(now), language, code, compiled or "", int(compiled is not None), repr(now), path]))
+        return Version(path, version, language, code, compiled, now)
+
+    def get(self, path: str, version: int | None = None) -> Version | None:
+        _, base, version_prefix, _ = self.keys(path)
+        if version is None:
+            latest = self.redis.hget(base, "latest")
+            if latest is None:
+                return None
+            version = int(latest)
+        fields = self.redis.hgetall(f"{version_prefix}{version}")
+        return self.version_from_hash(path, version, fields) if fields else None
+
+    @staticmethod
+    def version_from_hash(path: str, version: int, fields: dict[bytes, bytes]) -> Version:
+        compiled = fields[b"compiled"].decode() if fields.get(b"has_compiled") == b"1" else None
+        return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
+                       compiled, float(fields[b"created"]))
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        answer = []
+        for raw in sorted(self.redis.smembers(f"{self.prefix}functions")):
+            path = raw.decode()
+            _, base, version_prefix, versions = self.keys(path)
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(base, "latest", "updated")
+                pipe.zcard(versions)
+                (latest, updated), count = pipe.execute()
+            if latest is None:
+                continue
+            language = self.redis.hget(f"{version_prefix}{int(latest)}", "language")
+            answer.append({"path": path, "language": (language or b"").decode(), "latest": int(latest),
+                           "versions": count, "updated": float(updated)})
+        return answer
+
+    def list_versions(self, path: str) -> list[dict[str, Any]]:
+        _, _, version_prefix, versions = self.keys(path)
+        numbers = [int(v) for v in self.redis.zrange(versions, 0, -1)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for number in numbers:
+                pipe.hgetall(f"{version_prefix}{number}")
+            hashes = pipe.execute()
+        return [self.version_from_hash(path, n, h).summary() for n, h in zip(numbers, hashes) if h]
+
+    def delete(self, path: str, version: int | None = None) -> bool:
+        return int(self.delete_script(keys=self.keys(path),
+                                      args=[path, "" if version is None else str(version)])) > 0
+
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def open_store(config: Config) -> Store:
+    if config.redis_url:
+        return RedisStore(config.redis_url, config.redis_prefix, config.redis_timeout)
+    return SQLiteStore(config.data_dir)
+
+
+# ==========================================================================================
+# 3. Runtimes
+# ==========================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How one language runs: the interpreter argv inside the sandbox and its wrapper program.
+    TypeScript runs on the JavaScript wrapper after esbuild turned it into JavaScript."""
+    language: str
+    interpreter: str
+    argv: tuple[str, ...]
+    transpile: bool = False
+
+
+WRAPPERS_IN_SANDBOX = "/faas/wrappers"
+ESBUILD_IN_SANDBOX = "/faas/esbuild"
+RUNTIMES = {
+    "python": Runtime("python", "/usr/bin/python3",
+                      ("/usr/bin/python3", "-I", f"{WRAPPERS_IN_SANDBOX}/python.py")),
+    "javascript": Runtime("javascript", "/usr/bin/node",
+                          ("/usr/bin/node", "--enable-source-maps", f"{WRAPPERS_IN_SANDBOX}/node.js")),
+}
+RUNTIMES["typescript"] = dataclasses.replace(RUNTIMES["javascript"], language="typescript", transpile=True)
+TS_HEADER = "async function __main(event: any, input: any) {"
+ESBUILD_ARGS = ("--loader=ts", "--sourcemap=inline", "--sourcefile=function.ts", "--log-level=error")
+
+
+def check_language(language: Any) -> Runtime:
+    if not isinstance(language, str) or language not in RUNTIMES:
+        raise ApiError(400, f"language must be one of {', '.join(RUNTIMES)}")
+    return RUNTIMES[language]
+
+
+def check_code(code: Any) -> str:
+    if not isinstance(code, str) or not code.strip():
+        raise ApiError(400, "code is required: the function body as a non-empty string")
+    return code
+
+
+# ==========================================================================================
+# 4. Limits
+# ==========================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one run may use."""
+    memory: int
+    cpus: float
+    pids: int
+    timeout: float
+    output: int
+    tmp_size: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Limits":
+        return cls(config.max_memory, config.max_cpus, config.max_pids, config.timeout,
+                   config.max_output, config.tmp_size)
+
+
+class LimitBackend(Protocol):
+    """Puts a started sandbox under its limits before any user code runs, and cleans up."""
+    name: str
+
+    def enter(self, run_id: str, pid: int, limits: Limits) -> "RunCgroup": ...
+
+
+class RunCgroup(Protocol):
+    def oom_killed(self) -> bool: ...
+    def usage(self) -> dict[str, int]: ...
+    def kill(self) -> None: ...
+    def remove(self) -> None: ...
+
+
+class NoCgroup:
+    """What a run has when the backend cannot give it a cgroup: nothing to read or remove."""
+
+    def oom_killed(self) -> bool:
+        return False
+
+    def usage(self) -> dict[str, int]:
+        return {}
+
+    def kill(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+class RlimitBackend:
+    """No per-run cgroups: the sandbox and the time limit are the only fences."""
+    name = "rlimit"
+
+    def enter(self, run_id: str, pid: int, limits: Limits) -> RunCgroup:
+        return NoCgroup()
+
+
+LIMIT_BACKENDS = {"auto": None, "rlimit": RlimitBackend}
+
+
+def describe_limits(config: Config) -> str:
+    return RlimitBackend.name
+
+
+def choose_limit_backend(config: Config) -> LimitBackend:
+    backend = RlimitBackend()
+    LOG.warning("limits: per-run cgroups are not available; memory, CPU and process counts "
+                "are NOT limited per run (backend=%s)", backend.name)
+    return backend
+
+
+# ==========================================================================================
+# 5. Sandbox
+# ==========================================================================================
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one sandboxed process."""
+    status: str = "ok"                     # ok, error, timeout, output_limit, killed, oom, internal
+    result: dict[str, Any] | None = None   # the wrapper's result document, if it wrote one
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: bytearray = dataclasses.field(default_factory=bytearray)
+    stderr: bytearray = dataclasses.field(default_factory=bytearray)
+    truncated: bool = False
+    duration_ms: int = 0
+    usage: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+LineSink = Callable[[str, str], None]
+LINE_MAX = 64 * 1024   # a longer line without a newline is delivered in pieces
+
+
+class LineSplitter:
+    """Turns a byte stream into text lines for the sink; keeps at most LINE_MAX pending."""
+
+    def __init__(self, stream: str, sink: LineSink | None) -> None:
+        self.stream = stream
+        self.sink = sink
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        while len(self.pending) > LINE_MAX:
+            lines.append(self.pending[:LINE_MAX])
+            self.pending = self.pending[LINE_MAX:]
+        for line in lines:
+            self.emit(line)
+
+    def close(self) -> None:
+        if self.pending:
+            self.emit(self.pending)
+            self.pending = b""
+
+    def emit(self, line: bytes) -> None:
+        if self.sink is not None:
+            self.sink(self.stream, line.rstrip(b"\r").decode("utf-8", "replace"))
+
+
+def passwd_files(uid: int, gid: int) -> dict[str, str]:
+    return {"passwd": f"sandbox:x:{uid}:{gid}:sandbox:/tmp:/usr/sbin/nologin\n",
+            "group": f"sandbox:x:{gid}:\n"}
+
+
+class Sandbox:
+    """Starts bwrap'd processes and pumps their output under a deadline and an output cap.
+
+    Files the sandbox needs (wrappers, esbuild, /etc/passwd) are copied at start-up into a
+    world-readable runtime directory, so the unprivileged sandbox user can read them wherever
+    the server itself is installed."""
+
+    def __init__(self, config: Config, limits: LimitBackend, runtime_dir: Path) -> None:
+        self.config = config
+        self.limits = limits
+        self.bwrap = shutil.which("bwrap") or "bwrap"
+        self.drop_privileges = os.geteuid() == 0
+        uid, gid = (config.sandbox_uid, config.sandbox_gid) if self.drop_privileges else (os.geteuid(), os.getegid())
+        self.runtime_dir = runtime_dir
+        self.install_runtime_files(uid, gid)
+        self.base_argv = self.build_base_argv(uid, gid)
+
+    def install_runtime_files(self, uid: int, gid: int) -> None:
+        os.chmod(self.runtime_dir, 0o755)
+        wrappers = self.runtime_dir / "wrappers"
+        shutil.copytree(HERE / "wrappers", wrappers, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for name, text in passwd_files(uid, gid).items():
+            (self.runtime_dir / name).write_text(text)
+        esbuild = self.config.esbuild
+        if esbuild and esbuild.is_file():
+            shutil.copy(esbuild, self.runtime_dir / "esbuild")
+        for path in [self.runtime_dir, *self.runtime_dir.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+
+    @property
+    def has_esbuild(self) -> bool:
+        return (self.runtime_dir / "esbuild").is_file()
+
+    def build_base_argv(self, uid: int, gid: int) -> list[str]:
+        """The flag set of research/sandbox.md: every namespace, no capabilities, read-only
+        system, size-limited tmpfs, no network, nothing of the host but /usr."""
+        rt = str(self.runtime_dir)
+        return [
+            self.bwrap, "--unshare-all", "--unshare-user", "--uid", str(uid), "--gid", str(gid),
+            "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys",
+            "--dev", "/dev", "--size", str(16 << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+            "--size", str(self.config.tmp_size), "--tmpfs", "/tmp",
+            "--ro-bind", f"{rt}/passwd", "/etc/passwd", "--ro-bind", f"{rt}/group", "/etc/group",
+            "--ro-bind", f"{rt}/wrappers", WRAPPERS_IN_SANDBOX,
+            *(["--ro-bind", f"{rt}/esbuild", ESBUILD_IN_SANDBOX] if self.has_esbuild else []),
+            "--remount-ro", "/",
+            "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin",
+            "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp",
+        ]
+
+    def run(self, argv: list[str], stdin: bytes, limits: Limits, sink: LineSink | None = None,
+            result_fd: bool = True) -> Outcome:
+        """Run argv in a fresh sandbox: feed stdin, stream lines to sink, collect the result pipe."""
+        run_id = uuid.uuid4().hex[:12]
+        outcome = Outcome()
+        result_r, result_w = os.pipe() if result_fd else (-1, -1)
+        started = time.monotonic()
+        proc = None
+        cgroup: RunCgroup = NoCgroup()
+        try:
+            command = [*self.base_argv, "--", *argv, *([str(result_w)] if result_fd else [])]
+            proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(result_w,) if result_fd else (), close_fds=True,
+                **self.privilege_drop())
+            if result_fd:
+                os.close(result_w)
+                result_w = -1
+            cgroup = self.limits.enter(run_id, proc.pid, limits)
+            self.feed(proc, stdin)
+            self.pump(proc, result_r, limits, sink, outcome, started)
+        finally:
+            if result_w >= 0:
+                os.close(result_w)
+            if result_r >= 0:
+                os.close(result_r)
+            if proc is not None:
+                self.finish(proc, cgroup, outcome)
+            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        return outcome
+
+    def privilege_drop(self) -> dict[str, Any]:
+        """As root, start bwrap as the unprivileged sandbox uid: root inside a user namespace is
+        still host root for /proc/sys and RLIMIT_NPROC (research/sandbox.md)."""
+        if not self.drop_privileges:
+            return {}
+        return {"user": self.config.sandbox_uid, "group": self.config.sandbox_gid, "extra_groups": []}
+
+    @staticmethod
+    def feed(proc: subprocess.Popen, data: bytes) -> None:
+        """The wrapper reads its whole request before running any user code, so a blocking
+        write cannot deadlock against output."""
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the process died early; its exit status tells why
+
+    def pump(self, proc: subprocess.Popen, result_r: int, limits: Limits, sink: LineSink | None,
+             outcome: Outcome, started: float) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = started + limits.timeout
+        splitters = {proc.stdout.fileno(): ("stdout", outcome.stdout, LineSplitter("stdout", sink)),
+                     proc.stderr.fileno(): ("stderr", outcome.stderr, LineSplitter("stderr", sink))}
+        result = bytearray()
+        room = limits.output
+        with selectors.DefaultSelector() as selector:
+            for fd in splitters:
+                selector.register(fd, selectors.EVENT_READ)
+            if result_r >= 0:
+                selector.register(result_r, selectors.EVENT_READ)
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    outcome.status = "timeout"
+                    break
+                for key, _ in selector.select(remaining):
+                    fd = key.fd
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        selector.unregister(fd)
+                        if fd in splitters:
+                            splitters[fd][2].close()
+                        continue
+                    if fd == result_r:
+                        if len(result) + len(chunk) > limits.output:
+                            outcome.status = "output_limit"
+                            break
+                        result += chunk
+                        continue
+                    _, kept, splitter = splitters[fd]
+                    if len(chunk) > room:
+                        chunk = chunk[:room]
+                        outcome.truncated = True
+                    room -= len(chunk)
+                    kept += chunk
+                    splitter.feed(chunk)
+                    if outcome.truncated:
+                        outcome.status = "output_limit"
+                        for _, _, other in splitters.values():
+                            other.close()
+                        break
+                if outcome.status != "ok":
+                    break
+        if result:
+            try:
+                outcome.result = json.loads(result)
+            except ValueError:
+                outcome.result = None
+
+    def finish(self, proc: subprocess.Popen, cgroup: RunCgroup, outcome: Outcome) -> None:
+        """End the run: kill what is left (the pid namespace dies with bwrap), reap, read usage,
+        remove the cgroup. Safe to call on a process that has already exited."""
+        if proc.poll() is None:
+            cgroup.kill()
+            proc.kill()
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            LOG.error("sandbox pid %s did not die after SIGKILL", proc.pid)
+            code = None
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if code is not None:
+            if code < 0:
+                outcome.signal = -code
+            elif code > 128 and outcome.status == "ok":
+                outcome.exit_code, outcome.signal = code, code - 128   # bwrap reports a child's signal as 128+n
+            else:
+                outcome.exit_code = code
+        if cgroup.oom_killed():
+            outcome.status = "oom"
+        outcome.usage = cgroup.usage()
+        cgroup.remove()
+
+
+# ==========================================================================================
+# 6. Invocation
+# ==========================================================================================
+
+def classify(value: Any) -> str:
+    """The seed's answer types: string, number, or json for any other JSON value."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "json"
+
+
+def parse_printed(text: str) -> tuple[Any, str]:
+    """A printed line or text as the seed answers it: parsed JSON, else text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text, "text"
+    return value, classify(value)
+
+
+def answer_from_print(stdout: str) -> tuple[Any, str]:
+    """The seed's rule for a function that returns nothing: the last printed line if it is
+    JSON, else everything printed, trimmed, as text."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if lines:
+        value, kind = parse_printed(lines[-1].strip())
+        if kind != "text":
+            return value, kind
+    return stdout.strip(), "text"
+
+
+def parse_input(body: dict[str, Any]) -> Any:
+    """`input` is JSON text as in the seed, or any JSON value; missing or empty means {}."""
+    raw = body.get("input")
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise ApiError(400, f"input is not valid JSON text: {error}") from None
+    return raw
+
+
+STATUS_CODES = {"ok": 200, "error": 500, "timeout": 504, "output_limit": 500, "oom": 500,
+                "killed": 500, "internal": 500}
+
+
+def describe_failure(outcome: Outcome, limits: Limits) -> str:
+    if outcome.status == "error" and outcome.result:
+        error = outcome.result.get("error") or {}
+        return f"{error.get('type', 'Error')}: {error.get('message', '')}".rstrip(": ")
+    return {
+        "timeout": f"time limit of {limits.timeout:g} s exceeded",
+        "output_limit": f"output limit of {limits.output} bytes exceeded; the run was stopped",
+        "oom": f"memory limit of {limits.memory} bytes exceeded; the run was killed",
+        "killed": f"the function was killed by signal {outcome.signal}",
+        "internal": "the sandbox failed to answer: " + outcome.stderr.decode("utf-8", "replace").strip()[-500:],
+    }.get(outcome.status, outcome.status)
+
+
+def settle_status(outcome: Outcome) -> None:
+    """Turn how the process ended into the one status the caller sees."""
+    if outcome.status != "ok":
+        return
+    result = outcome.result
+    if result is not None and result.get("ok") is True:
+        return
+    if result is not None:
+        outcome.status = "error"
+    elif outcome.signal is not None:
+        outcome.status = "killed"
+    elif outcome.exit_code not in (None, 0):
+        outcome.status = "error"
+        outcome.result = {"ok": False, "error": {
+            "type": "Exit", "message": f"the function exited with code {outcome.exit_code}"}}
+    else:
+        outcome.status = "internal"
+
+
+def build_answer(outcome: Outcome, limits: Limits) -> tuple[int, dict[str, Any]]:
+    """The JSON answer (and its HTTP status) for a finished run; SSE sends the same fields."""
+    settle_status(outcome)
+    stdout = outcome.stdout.decode("utf-8", "replace")
+    common: dict[str, Any] = {
+        "status": outcome.status, "duration_ms": outcome.duration_ms, "truncated": outcome.truncated,
+        "stdout": stdout, "stderr": outcome.stderr.decode("utf-8", "replace"),
+        "exit_code": outcome.exit_code, "signal": outcome.signal, **outcome.usage}
+    if outcome.status == "ok":
+        result = outcome.result or {}
+        data, kind = (result["value"], classify(result["value"])) if "value" in result else answer_from_print(stdout)
+        return 200, {"data": data, "type": kind, **common}
+    answer = {"error": "failed to run: " + describe_failure(outcome, limits), **common}
+    if outcome.status == "error" and outcome.result:
+        error = outcome.result.get("error") or {}
+        answer.update(error_type=error.get("type"), message=error.get("message"),
+                      stack=error.get("stack"), line=error.get("line"))
+    return STATUS_CODES[outcome.status], answer
+
+
+class RunSlots:
+    """At most max_runs sandboxes at once; callers wait briefly, then get a 429."""
+
+    def __init__(self, max_runs: int, wait: float) -> None:
+        self.semaphore = threading.BoundedSemaphore(max_runs)
+        self.wait = wait
+        self.max_runs = max_runs
+        self.lock = threading.Lock()
+        self.active = 0
+
+    def __enter__(self) -> None:
+        if not self.semaphore.acquire(timeout=self.wait):
+            raise ApiError(429, f"all {self.max_runs} run slots are busy; retry shortly",
+                           headers={"Retry-After": "1"})
+        with self.lock:
+            self.active += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.active -= 1
+        self.semaphore.release()
+
+
+class Invoker:
+    """The one path every call takes: code -> slot -> sandbox -> events."""
+
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox) -> None:
+        self.config = config
+        self.store = store
+        self.sandbox = sandbox
+        self.limits = Limits.from_config(config)
+        self.slots = RunSlots(config.max_runs, config.queue_timeout)
+
+    # -- upload-time preparation ------------------------------------------------------------
+    def prepare(self, runtime: Runtime, code: str) -> str | None:
+        """Check syntax with the interpreter that will run the code; transpile TypeScript.
+        Returns what to store as `compiled` (TypeScript's JavaScript), else None."""
+        if runtime.transpile:
+            compiled = self.transpile(code)
+            self.syntax_check(runtime, compiled)
+            return compiled
+        self.syntax_check(runtime, code)
+        return None
+
+    def transpile(self, code: str) -> str:
+        if not self.sandbox.has_esbuild:
+            raise ApiError(503, "TypeScript is not available: esbuild is missing "
+                                "(run `python3 faas.py check` for the fix)")
+        limits = dataclasses.replace(self.limits, timeout=min(self.limits.timeout, 10),
+                                     output=max(self.limits.output, 8 * self.config.body_max))
+        with self.slots:
+            outcome = self.sandbox.run([ESBUILD_IN_SANDBOX, *ESBUILD_ARGS],
+                                       (TS_HEADER + code + "\n}\n").encode(), limits, result_fd=False)
+        if outcome.status == "ok" and outcome.exit_code == 0:
+            return outcome.stdout.decode()
+        message = outcome.stderr.decode("utf-8", "replace").strip() or describe_failure(outcome, limits)
+        raise ApiError(400, f"TypeScript does not compile: {message}", line=first_line_number(message))
+
+    def syntax_check(self, runtime: Runtime, code: str) -> None:
+        limits = dataclasses.replace(self.limits, timeout=min(self.limits.timeout, 10))
+        request = json.dumps({"code": code, "event": None, "language": runtime.language}).encode()
+        argv = [*runtime.argv, "--check"]
+        with self.slots:
+            outcome = self.sandbox.run(argv, request, limits)
+        result = outcome.result or {}
+        if result.get("ok") is True:
+            return
+        error = result.get("error") or {}
+        if error:
+            raise ApiError(400, f"{runtime.language} syntax error: {error.get('message', '')}",
+                           line=error.get("line"))
+        raise ApiError(500, "the syntax check failed: " + describe_failure(outcome, limits))
+
+    # -- calls ------------------------------------------------------------------------------
+    def resolve(self, path: str, version: int | None) -> Version:
+        found = self.store.get(path, version)
+        if found is None:
+            if version is None:
+                raise ApiError(404, f"no function at path '{path}'")
+            raise ApiError(404, f"function '{path}' has no version {version}")
+        return found
+
+    def invoke(self, runtime: Runtime, code: str, event: Any, sink: LineSink | None,
+               on_start: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
+        """Run one call. `on_start` runs once a slot is taken, so a stream only begins
+        when the call will really run (an overloaded server answers 429 as JSON)."""
+        request = json.dumps({"code": code, "event": event, "language": runtime.language}).encode()
+        with self.slots:
+            if on_start is not None:
+                on_start()
+            outcome = self.sandbox.run(list(runtime.argv), request, self.limits, sink)
+        return build_answer(outcome, self.limits)
+
+
+def first_line_number(message: str) -> int | None:
+    """esbuild reports `function.ts:LINE:COL`; our header shares the user's first line."""
+    match = re.search(r"function\.ts:(\d+):", message)
+    return int(match.group(1)) if match else None
+
+
+# ==========================================================================================
+# 7. HTTP
+# ==========================================================================================
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routes requests to small handler methods; every error leaves as JSON."""
+    protocol_version = "HTTP/1.1"
+    server_version = "faas"
+    sys_version = ""
+    timeout = 30           # seconds a client may take to send its request (slowloris)
+    app: "App"             # set on a subclass by App.serve
+
+    ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+        ("GET", re.compile(r"/healthz"), "get_health"),
+        ("POST", re.compile(r"/upload"), "post_upload"),
+        ("POST", re.compile(r"/run-now"), "post_run_now"),
+        ("POST", re.compile(r"/run/(?P<path>.+)"), "post_run"),
+    ]
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self.dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self.dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self.dispatch("HEAD")
+
+    def dispatch(self, method: str) -> None:
+        self.request_id = self.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        self.started = time.monotonic()
+        self.status_sent = 0
+        url = urllib.parse.urlsplit(self.path)
+        self.query = urllib.parse.parse_qs(url.query)
+        try:
+            handler, params = self.route(method, urllib.parse.unquote(url.path))
+            self.authorize()
+            handler(**params)
+        except ApiError as error:
+            self.send_json(error.status, {"error": error.message, **{k: v for k, v in error.extra.items()
+                                                                     if k != "headers"}},
+                           error.extra.get("headers"))
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            LOG.exception("request_id=%s internal error", self.request_id)
+            if not self.status_sent:
+                self.send_json(500, {"error": "internal server error; see the server log",
+                                     "request_id": self.request_id})
+            self.close_connection = True
+        LOG.info("request_id=%s method=%s path=%s status=%s duration_ms=%d", self.request_id, method,
+                 url.path, self.status_sent, (time.monotonic() - self.started) * 1000)
+
+    def route(self, method: str, path: str) -> tuple[Callable[..., None], dict[str, str]]:
+        allowed = []
+        for route_method, pattern, name in self.ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                if route_method == method:
+                    return getattr(self, name), match.groupdict()
+                allowed.append(route_method)
+        if allowed:
+            raise ApiError(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                           headers={"Allow": ", ".join(allowed)})
+        raise ApiError(404, f"no route {path}")
+
+    def authorize(self) -> None:
+        token = self.app.config.token
+        if token is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
+                           headers={"WWW-Authenticate": 'Bearer realm="faas"'})
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_json(self) -> dict[str, Any]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "Content-Length is not a number") from None
+        if length < 0:
+            self.close_connection = True
+            raise ApiError(400, "Content-Length is negative")
+        if length > self.app.config.body_max:
+            self.close_connection = True   # the unread body must not be taken as the next request
+            raise ApiError(413, f"request body of {length} bytes is over the limit of "
+                                f"{self.app.config.body_max} bytes (CODE_MAX_SIZE)")
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            self.close_connection = True
+            raise ApiError(400, "request body ended before Content-Length bytes arrived")
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"request body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def wants_stream(self, body: dict[str, Any]) -> bool:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false")
+        return stream or "text/event-stream" in self.headers.get("Accept", "")
+
+    def query_version(self) -> int | None:
+        values = self.query.get("version")
+        if not values or values[-1] == "":
+            return None
+        try:
+            version = int(values[-1])
+        except ValueError:
+            raise ApiError(400, f"version must be an integer, not {values[-1]!r}") from None
+        if version <= 0:
+            raise ApiError(400, "version must be a positive integer")
+        return version
+
+    # -- writing ----------------------------------------------------------------------------
+    def send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Request-Id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.status_sent = status
+
+    def start_sse(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("X-Request-Id", self.request_id)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        self.status_sent = 200
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own lines go to debug; dispatch logs one line per request."""
+        LOG.debug("%s " + format, self.address_string(), *args)
+
+    # -- routes -----------------------------------------------------------------------------
+    def get_health(self) -> None:
+        self.send_json(200, self.app.health())
+
+    def post_upload(self) -> None:
+        body = self.read_json()
+        path = check_path(body.get("path"))
+        runtime = check_language(body.get("language"))
+        code = check_code(body.get("code"))
+        compiled = self.app.invoker.prepare(runtime, code)
+        version = self.app.store.put(path, runtime.language, code, compiled)
+        LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
+                 version.version, runtime.language)
+        self.send_json(200, {"path": path, "language": runtime.language, "version": version.version})
+
+    def post_run(self, path: str) -> None:
+        version_number = self.query_version()
+        body = self.read_json()
+        check_path(path)
+        stream = self.wants_stream(body)
+        event = parse_input(body)
+        version = self.app.invoker.resolve(path, version_number)
+        self.run(RUNTIMES[version.language], version.runnable, event, stream, {"version": version.version})
+
+    def post_run_now(self) -> None:
+        body = self.read_json()
+        runtime = check_language(body.get("language"))
+        code = check_code(body.get("code"))
+        stream = self.wants_stream(body)
+        event = parse_input(body)
+        if runtime.transpile:
+            code = self.app.invoker.transpile(code)
+        self.run(runtime, code, event, stream, {})
+
+    def run(self, runtime: Runtime, code: str, event: Any, stream: bool, extra: dict[str, Any]) -> None:
+        if not stream:
+            status, answer = self.app.invoker.invoke(runtime, code, event, None)
+            self.send_json(status, {**answer, **extra})
+            return
+
+        def log_line(stream_name: str, line: str) -> None:
+            data, kind = parse_printed(line)
+            self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
+
+        status, answer = self.app.invoker.invoke(runtime, code, event, log_line, on_start=self.start_sse)
+        answer = {**answer, **extra}
+        for field in ("stdout", "stderr"):   # already streamed line by line
+            answer.pop(field, None)
+        if status == 200:
+            self.send_event({"event": "result", **answer})
+        else:
+            message = answer.pop("error")
+            self.send_event({"event": "error", "data": message, "type": "text", **answer})
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class App:
+    """Everything one server process holds: config, store, sandbox, invoker."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = open_store(config)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-"))
+        self.limit_backend = choose_limit_backend(config)
+        self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir)
+        self.invoker = Invoker(config, self.store, self.sandbox)
+        self.started = time.time()
+
+    def health(self) -> dict[str, Any]:
+        try:
+            self.store.ping()
+            store_ok = True
+        except Exception as error:   # the store's own exception types differ
+            LOG.warning("store ping failed: %s", error)
+            store_ok = False
+        return {
+            "status": "ok" if store_ok else "degraded",
+            "store": self.store.kind, "store_ok": store_ok,
+            "sandbox": "bwrap", "limits": self.limit_backend.name,
+            "runtimes": {name: {"interpreter": rt.interpreter,
+                                "available": os.access(rt.interpreter, os.X_OK)
+                                and (not rt.transpile or self.sandbox.has_esbuild)}
+                         for name, rt in RUNTIMES.items()},
+            "runs_active": self.invoker.slots.active, "max_runs": self.config.max_runs,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def serve(self) -> None:
+        handler = type("BoundHandler", (Handler,), {"app": self})
+        server = Server((self.config.host, self.config.port), handler)
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            LOG.info("signal %s: shutting down", signum)
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        LOG.info("listening on http://%s:%d store=%s limits=%s", self.config.host,
+                 server.server_address[1], self.store.kind, self.limit_backend.name)
+        try:
+            server.serve_forever(poll_interval=0.5)
+        finally:
+            server.server_close()
+            self.close()
+
+    def close(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+# ==========================================================================================
+# 8. CLI
+# ==========================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Dependency:
+    name: str
+    present: bool
+    detail: str
+    fix: str                   # the exact command that installs it
+    apt_package: str | None    # what `check --install` installs with apt-get
+    required: bool = True      # the server refuses to start without it
+
+
+def version_of(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else ""
+
+
+def find_dependencies(config: Config) -> list[Dependency]:
+    bwrap = shutil.which("bwrap")
+    deps = [Dependency("bwrap", bool(bwrap), f"{bwrap} ({version_of(['bwrap', '--version'])})" if bwrap else
+                       "runs every call in a sandbox", "apt-get install -y bubblewrap", "bubblewrap")]
+    for runtime in (RUNTIMES["python"], RUNTIMES["javascript"]):
+        present = os.access(runtime.interpreter, os.X_OK)
+        package = "python3" if runtime.language == "python" else "nodejs"
+        deps.append(Dependency(
+            runtime.interpreter, present,
+            version_of([runtime.interpreter, "--version"]) if present else f"runs {runtime.language} functions",
+            f"apt-get install -y {package}", package, required=runtime.language == "python"))
+    esbuild = config.esbuild
+    deps.append(Dependency(
+        "esbuild", bool(esbuild and esbuild.is_file()),
+        f"{esbuild} ({version_of([str(esbuild), '--version'])})" if esbuild and esbuild.is_file()
+        else "transpiles TypeScript at upload",
+        f"cd {HERE} && npm ci --ignore-scripts   (needs npm: apt-get install -y npm)", None, required=False))
+    if config.redis_url:
+        deps.append(redis_dependency(config))
+    return deps
+
+
+def redis_dependency(config: Config) -> Dependency:
+    fix = "python3 -m pip install redis   (or: apt-get install -y python3-redis)"
+    try:
+        import redis  # noqa: F401  (only checked here)
+    except ImportError:
+        return Dependency("redis-py", False, "the Redis store's client library", fix, "python3-redis")
+    try:
+        RedisStore(config.redis_url, config.redis_prefix, config.redis_timeout).close()
+    except Exception as error:   # any connection or auth failure
+        return Dependency("redis server", False, f"{redacted(config.redis_url)}: {error}",
+                          "start redis-server or fix REDIS_URL / REDIS_HOST", None)
+    return Dependency("redis server", True, redacted(config.redis_url), "", None)
+
+
+def redacted(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def run_check(config: Config, install: bool) -> int:
+    deps = find_dependencies(config)
+    missing = [dep for dep in deps if not dep.present]
+    if install and missing:
+        install_missing(missing)
+        deps = find_dependencies(config)
+        missing = [dep for dep in deps if not dep.present]
+    for dep in deps:
+        state = "ok" if dep.present else ("MISSING" if dep.required else "missing (optional)")
+        print(f"{state:<20} {dep.name:<16} {dep.detail}")
+        if not dep.present:
+            print(f"{'':<20} {'fix:':<16} {dep.fix}")
+    print(f"{'info':<20} {'limits':<16} {describe_limits(config)}")
+    return 1 if any(dep.required for dep in missing) else 0
+
+
+def install_missing(missing: list[Dependency]) -> None:
+    """Install what a fresh Debian/Ubuntu lacks: apt packages as root, then esbuild with npm."""
+    packages = sorted({dep.apt_package for dep in missing if dep.apt_package})
+    if any(dep.name == "esbuild" for dep in missing) and not shutil.which("npm"):
+        packages.append("npm")
+    if packages:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            print(f"cannot install {' '.join(packages)}: needs root and apt-get; run the fix commands below")
+        else:
+            print(f"installing with apt-get: {' '.join(packages)}", flush=True)
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+            subprocess.run(["apt-get", "install", "-y", "-q", *packages], env=env, check=False)
+    if any(dep.name == "esbuild" for dep in missing) and shutil.which("npm"):
+        print("installing esbuild with npm ci", flush=True)
+        subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=HERE, check=False)
+
+
+def load_config() -> Config:
+    env = {**read_dotenv(Path.cwd() / ".env"), **os.environ}
+    return Config.from_env(env)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("FAAS_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    command = argv[0] if argv else "serve"
+    if command in ("-h", "--help", "help"):
+        print(__doc__.strip() + "\n\nusage: faas.py [serve | check [--install]]")
+        return 0
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(f"faas: configuration error: {error}", file=sys.stderr)
+        return 2
+    if command == "check":
+        return run_check(config, "--install" in argv[1:])
+    if command == "serve":
+        if not shutil.which("bwrap"):
+            print("faas: bwrap (bubblewrap) is not installed; every call runs in a bwrap sandbox, so "
+                  "the server cannot start. Fix: apt-get install -y bubblewrap "
+                  "(or run `python3 faas.py check --install`)", file=sys.stderr)
+            return 1
+        try:
+            app = App(config)
+        except Exception as error:
+            print(f"faas: cannot start: {error}", file=sys.stderr)
+            return 1
+        app.serve()
+        return 0
+    print(f"faas: unknown command {command!r}; usage: faas.py [serve | check [--install]]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
