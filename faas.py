@@ -13,6 +13,7 @@ Standard library only; redis-py is imported only when a Redis store is configure
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import http.server
@@ -20,12 +21,15 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import re
+import resource
 import selectors
 import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -510,7 +514,8 @@ def check_code(code: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What one run may use."""
+    """What one run may use. The configured values are maxima; a call may lower
+    `timeout` and `memory` (see `lowered`), never raise them."""
     memory: int
     cpus: float
     pids: int
@@ -523,23 +528,121 @@ class Limits:
         return cls(config.max_memory, config.max_cpus, config.max_pids, config.timeout,
                    config.max_output, config.tmp_size)
 
+    def lowered(self, requested: dict[str, Any] | None) -> "Limits":
+        """These limits with the caller's `timeout`/`memory` applied; 400 if above the maximum."""
+        if not requested:
+            return self
+        changes: dict[str, Any] = {}
+        timeout = requested.get("timeout")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= self.timeout:
+                raise ApiError(400, f"timeout must be a number of seconds above 0 and at most {self.timeout:g}")
+            changes["timeout"] = float(timeout)
+        memory = requested.get("memory")
+        if memory is not None:
+            changes["memory"] = self.check_memory(memory)
+        return dataclasses.replace(self, **changes)
 
-class LimitBackend(Protocol):
-    """Puts a started sandbox under its limits before any user code runs, and cleans up."""
-    name: str
+    def check_memory(self, memory: Any) -> int:
+        try:
+            if isinstance(memory, bool) or not isinstance(memory, (int, str)):
+                raise ConfigError("memory")
+            value = memory if isinstance(memory, int) else parse_size("memory", memory)
+        except ConfigError:
+            raise ApiError(400, "memory must be bytes (an integer) or a size like '64M'") from None
+        if not MIN_RUN_MEMORY <= value <= self.memory:
+            raise ApiError(400, f"memory must be between {MIN_RUN_MEMORY} and {self.memory} bytes "
+                                f"(the configured MAX_MEMORY)")
+        return value
 
-    def enter(self, run_id: str, pid: int, limits: Limits) -> "RunCgroup": ...
+
+MIN_RUN_MEMORY = 16 << 20   # below this no interpreter starts
+
+
+def requested_limits(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The `timeout`/`memory` a caller asked for in a request body, for storing or applying."""
+    picked = {key: body[key] for key in ("timeout", "memory") if body.get(key) is not None}
+    return picked or None
+
+
+def rlimit_commands(limits: Limits, backend_name: str) -> str:
+    """The second layer, in every mode, as shell `ulimit` commands the gate runs on itself
+    before it becomes bwrap (prlimit on the sandbox user's process would need
+    CAP_SYS_RESOURCE). RLIMIT_DATA rather than RLIMIT_AS, which breaks V8. With cgroups the
+    data limit is loose: the cgroup is the real cap and the one that reports OOM."""
+    data = limits.memory if backend_name == "rlimit" else 2 * limits.memory
+    cpu_seconds = int(limits.timeout * max(limits.cpus, 1)) + 1
+    return (f"ulimit -c 0 && ulimit -d {data // 1024} && ulimit -f {limits.tmp_size // 512} && "
+            f"ulimit -n 1024 && ulimit -S -t {cpu_seconds} && ulimit -H -t {cpu_seconds + 1}")
 
 
 class RunCgroup(Protocol):
+    """One run's fence, created before the process starts and removed after it ends."""
+    drops_privileges: bool   # False when the command prefix itself switches uid (systemd-run)
+
+    def command_prefix(self) -> list[str]: ...
+    def enter(self, pid: int) -> None: ...
     def oom_killed(self) -> bool: ...
     def usage(self) -> dict[str, int]: ...
     def kill(self) -> None: ...
     def remove(self) -> None: ...
 
 
+class LimitBackend(Protocol):
+    name: str
+
+    def create(self, run_id: str, limits: Limits) -> RunCgroup: ...
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def read_keyed(path: Path) -> dict[str, int]:
+    """`key value` lines (memory.events, cpu.stat, memory.oom_control) as a dict."""
+    values = {}
+    for line in read_text(path).splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return values
+
+
+def read_int(path: Path) -> int | None:
+    text = read_text(path).strip()
+    return int(text) if text.isdigit() else None
+
+
+def remove_cgroup_dirs(dirs: list[Path], procs: Path, wait: float = 3.0) -> None:
+    """rmdir once the processes are gone (SIGKILLed ones take a moment to exit)."""
+    deadline = time.monotonic() + wait
+    while read_text(procs).strip() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for directory in dirs:
+        for _ in range(100):
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            LOG.error("could not remove cgroup %s", directory)
+
+
 class NoCgroup:
-    """What a run has when the backend cannot give it a cgroup: nothing to read or remove."""
+    """The rlimit backend's 'cgroup': nothing to place, read or remove."""
+    drops_privileges = True
+
+    def command_prefix(self) -> list[str]:
+        return []
+
+    def enter(self, pid: int) -> None:
+        pass
 
     def oom_killed(self) -> bool:
         return False
@@ -555,30 +658,352 @@ class NoCgroup:
 
 
 class RlimitBackend:
-    """No per-run cgroups: the sandbox and the time limit are the only fences."""
+    """No per-run cgroups: rlimits, the sandbox and the time limit are the only fences."""
     name = "rlimit"
 
-    def enter(self, run_id: str, pid: int, limits: Limits) -> RunCgroup:
+    def create(self, run_id: str, limits: Limits) -> RunCgroup:
         return NoCgroup()
 
 
-LIMIT_BACKENDS = {"auto": None, "rlimit": RlimitBackend}
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def describe_limits(config: Config) -> str:
-    return RlimitBackend.name
+def own_cgroup(controller: str | None) -> str:
+    """This process's cgroup path in one v1 hierarchy, or in the v2 one (controller None)."""
+    for line in read_text(Path("/proc/self/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (controller is None and controllers == "") or controller in controllers.split(","):
+            return path
+    raise OSError(f"no {controller or 'v2'} cgroup in /proc/self/cgroup")
+
+
+class CgroupV1Run:
+    drops_privileges = True
+
+    def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
+        self.dirs = dirs
+        for directory in dirs.values():
+            directory.mkdir()
+        memory = dirs["memory"]
+        (memory / "memory.limit_in_bytes").write_text(str(limits.memory))
+        if (memory / "memory.memsw.limit_in_bytes").exists():
+            (memory / "memory.memsw.limit_in_bytes").write_text(str(limits.memory))   # no swap
+        (dirs["pids"] / "pids.max").write_text(str(limits.pids))
+        period = 100_000
+        (dirs["cpu"] / "cpu.cfs_period_us").write_text(str(period))
+        (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(limits.cpus * period))))
+
+    def command_prefix(self) -> list[str]:
+        return []
+
+    def enter(self, pid: int) -> None:
+        for directory in self.dirs.values():
+            (directory / "cgroup.procs").write_text(str(pid))
+
+    def oom_killed(self) -> bool:
+        return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0) > 0
+
+    def usage(self) -> dict[str, int]:
+        usage = {}
+        peak = read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        if peak is not None:
+            usage["memory_peak_bytes"] = peak
+        cpu_ns = read_int(self.dirs["cpuacct"] / "cpuacct.usage")
+        if cpu_ns is not None:
+            usage["cpu_ms"] = cpu_ns // 1_000_000
+        return usage
+
+    def kill(self) -> None:
+        """v1 has no cgroup.kill: SIGKILL every member (the pid namespace makes escapes moot)."""
+        for _ in range(10):
+            pids = read_text(self.dirs["pids"] / "cgroup.procs").split()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def remove(self) -> None:
+        remove_cgroup_dirs(list(self.dirs.values()), self.dirs["pids"] / "cgroup.procs")
+
+
+class CgroupV1Backend:
+    """cgroup v1 (hybrid hosts like this one): memory, pids, cpu and cpuacct hierarchies, a
+    `faas` directory under the server's own cgroup in each, one child per run."""
+    name = "cgroup-v1"
+    CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+
+    def __init__(self, root: Path = CGROUP_ROOT) -> None:
+        self.parents = {}
+        for controller in self.CONTROLLERS:
+            parent = root / controller / own_cgroup(controller).lstrip("/") / "faas"
+            parent.mkdir(exist_ok=True)
+            self.parents[controller] = parent
+        if (self.parents["memory"] / "memory.use_hierarchy").exists():
+            try:
+                (self.parents["memory"] / "memory.use_hierarchy").write_text("1")
+            except OSError:
+                pass   # already hierarchical through its parent
+        probe = CgroupV1Run({c: p / f"probe-{os.getpid()}" for c, p in self.parents.items()},
+                            Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1))
+        probe.remove()
+
+    def create(self, run_id: str, limits: Limits) -> RunCgroup:
+        return CgroupV1Run({c: p / run_id for c, p in self.parents.items()}, limits)
+
+
+class CgroupV2Run:
+    drops_privileges = True
+
+    def __init__(self, directory: Path, limits: Limits) -> None:
+        self.dir = directory
+        directory.mkdir()
+        (directory / "memory.max").write_text(str(limits.memory))
+        if (directory / "memory.swap.max").exists():
+            (directory / "memory.swap.max").write_text("0")
+        (directory / "pids.max").write_text(str(limits.pids))
+        (directory / "cpu.max").write_text(f"{max(1000, int(limits.cpus * 100_000))} 100000")
+
+    def command_prefix(self) -> list[str]:
+        return []
+
+    def enter(self, pid: int) -> None:
+        (self.dir / "cgroup.procs").write_text(str(pid))
+
+    def oom_killed(self) -> bool:
+        return read_keyed(self.dir / "memory.events").get("oom_kill", 0) > 0
+
+    def usage(self) -> dict[str, int]:
+        return cgroup_v2_usage(self.dir)
+
+    def kill(self) -> None:
+        try:
+            (self.dir / "cgroup.kill").write_text("1")
+        except OSError:
+            pass   # already gone
+
+    def remove(self) -> None:
+        remove_cgroup_dirs([self.dir], self.dir / "cgroup.procs")
+
+
+def cgroup_v2_usage(directory: Path) -> dict[str, int]:
+    usage = {}
+    peak = read_int(directory / "memory.peak")
+    if peak is not None:
+        usage["memory_peak_bytes"] = peak
+    cpu_us = read_keyed(directory / "cpu.stat").get("usage_usec")
+    if cpu_us is not None:
+        usage["cpu_ms"] = cpu_us // 1000
+    return usage
+
+
+class CgroupV2Backend:
+    """Pure cgroup v2 with a delegated subtree (systemd's Delegate=yes, or root). The server
+    moves itself into a `server` leaf (v2 forbids processes beside enabled controllers),
+    enables memory, pids and cpu for its children, and creates one child per run."""
+    name = "cgroup-v2"
+    CONTROLLERS = ("memory", "pids", "cpu")
+
+    def __init__(self, root: Path = CGROUP_ROOT) -> None:
+        own = root / own_cgroup(None).lstrip("/")
+        available = read_text(own / "cgroup.controllers").split()
+        missing = [c for c in self.CONTROLLERS if c not in available]
+        if missing:
+            raise OSError(f"controllers {missing} are not delegated to {own}")
+        if own == root:
+            self.parent = root / "faas"
+            self.parent.mkdir(exist_ok=True)
+        else:
+            self.parent = own
+            leaf = own / "server"
+            leaf.mkdir(exist_ok=True)
+            for pid in read_text(own / "cgroup.procs").split():
+                (leaf / "cgroup.procs").write_text(pid)
+        for directory in {own, self.parent}:
+            (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
+        CgroupV2Run(self.parent / f"probe-{os.getpid()}", Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1)).remove()
+
+    def create(self, run_id: str, limits: Limits) -> RunCgroup:
+        return CgroupV2Run(self.parent / run_id, limits)
+
+
+class SystemdScopeRun:
+    """A transient scope started by `systemd-run --scope` around bwrap (the seed's way):
+    systemd places the process before exec, so it never runs outside its limits.
+    OOMPolicy=continue keeps systemd from stopping the whole scope on one OOM kill."""
+    drops_privileges = False   # systemd-run switches to --uid itself
+
+    def __init__(self, run_id: str, limits: Limits, uid: int, gid: int) -> None:
+        self.unit = f"faas-run-{run_id}.scope"
+        self.prefix = [
+            "systemd-run", "--scope", "--quiet", "--collect", f"--unit={self.unit}",
+            "--slice=faas.slice", f"--uid={uid}", f"--gid={gid}",
+            "-p", f"MemoryMax={limits.memory}", "-p", "MemorySwapMax=0", "-p", f"TasksMax={limits.pids}",
+            "-p", f"CPUQuota={max(1, int(limits.cpus * 100))}%", "-p", "OOMPolicy=continue", "--"]
+        self.dir: Path | None = None
+
+    def command_prefix(self) -> list[str]:
+        return self.prefix
+
+    def enter(self, pid: int) -> None:
+        pass   # systemd-run does it; the cgroup path is known once the scope exists
+
+    def scope_dir(self) -> Path | None:
+        if self.dir is None:
+            found = next(CGROUP_ROOT.glob(f"**/{self.unit}"), None) if CGROUP_ROOT.exists() else None
+            self.dir = found
+        return self.dir
+
+    def oom_killed(self) -> bool:
+        directory = self.scope_dir()
+        return bool(directory) and read_keyed(directory / "memory.events").get("oom_kill", 0) > 0
+
+    def usage(self) -> dict[str, int]:
+        directory = self.scope_dir()
+        return cgroup_v2_usage(directory) if directory else {}
+
+    def kill(self) -> None:
+        subprocess.run(["systemctl", "kill", "--signal=SIGKILL", self.unit], capture_output=True, check=False)
+
+    def remove(self) -> None:
+        pass   # --collect: systemd removes the scope when it empties
+
+
+class SystemdRunBackend:
+    name = "systemd-run"
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid = uid, gid
+
+    def create(self, run_id: str, limits: Limits) -> RunCgroup:
+        return SystemdScopeRun(run_id, limits, self.uid, self.gid)
+
+
+def limit_backend_unavailable(name: str) -> str | None:
+    """Why a limit backend cannot work here, without touching anything; None if it can."""
+    try:
+        if name == "cgroup-v2":
+            own = CGROUP_ROOT / own_cgroup(None).lstrip("/")
+            available = read_text(own / "cgroup.controllers").split()
+            if not all(c in available for c in CgroupV2Backend.CONTROLLERS):
+                return f"{own} does not offer memory, pids and cpu (not pure cgroup v2, or not delegated)"
+            if not os.access(own, os.W_OK):
+                return f"{own} is not writable (run as root or under systemd with Delegate=yes)"
+        elif name == "cgroup-v1":
+            for controller in CgroupV1Backend.CONTROLLERS:
+                own = CGROUP_ROOT / controller / own_cgroup(controller).lstrip("/")
+                if not os.access(own, os.W_OK):
+                    return f"{own} is not writable"
+        elif name == "systemd-run":
+            if not Path("/run/systemd/system").is_dir():
+                return "systemd is not running as init"
+            if not shutil.which("systemd-run"):
+                return "systemd-run is missing"
+    except OSError as error:
+        return str(error)
+    return None
+
+
+def make_limit_backend(name: str, config: Config) -> LimitBackend:
+    if name == "cgroup-v2":
+        return CgroupV2Backend()
+    if name == "cgroup-v1":
+        return CgroupV1Backend()
+    if name == "systemd-run":
+        return SystemdRunBackend(config.sandbox_uid, config.sandbox_gid)
+    return RlimitBackend()
+
+
+LIMIT_BACKENDS = ("auto", "cgroup-v2", "cgroup-v1", "systemd-run", "rlimit")
 
 
 def choose_limit_backend(config: Config) -> LimitBackend:
-    backend = RlimitBackend()
-    LOG.warning("limits: per-run cgroups are not available; memory, CPU and process counts "
-                "are NOT limited per run (backend=%s)", backend.name)
-    return backend
+    """The configured backend, or with FAAS_LIMITS=auto the first that works here:
+    cgroups written directly (v2, then v1), then systemd-run scopes, then rlimits only."""
+    names = LIMIT_BACKENDS[1:] if config.limits == "auto" else (config.limits,)
+    reasons = []
+    for name in names:
+        reason = limit_backend_unavailable(name)
+        if reason is None:
+            try:
+                return make_limit_backend(name, config)
+            except OSError as error:
+                reason = str(error)
+        reasons.append(f"{name}: {reason}")
+    if config.limits != "auto":
+        raise ConfigError(f"FAAS_LIMITS={config.limits} cannot be used here: {'; '.join(reasons)}")
+    LOG.warning("limits: NO per-run cgroups, so memory, CPU and process counts are only capped per "
+                "process by rlimits (%s)", "; ".join(reasons))
+    return RlimitBackend()
+
+
+def describe_limits(config: Config) -> str:
+    """What `choose_limit_backend` would pick, for `faas.py check`."""
+    names = LIMIT_BACKENDS[1:] if config.limits == "auto" else (config.limits,)
+    reasons = []
+    for name in names:
+        reason = limit_backend_unavailable(name)
+        if reason is None:
+            return f"{name}" + (f" (passed over: {'; '.join(reasons)})" if reasons else "")
+        reasons.append(f"{name}: {reason}")
+    return "none usable: " + "; ".join(reasons)
 
 
 # ==========================================================================================
 # 5. Sandbox
 # ==========================================================================================
+
+# -- seccomp deny-list -------------------------------------------------------------------
+# A classic-BPF program for `bwrap --seccomp FD`: foreign-architecture and x32 system calls
+# kill the process, the calls below fail with EPERM, everything else is allowed. The
+# numbers are the x86_64 and aarch64 system call tables (asm/unistd_64.h, asm-generic).
+DENIED_SYSCALLS = {
+    # name: (x86_64, aarch64)
+    "ptrace": (101, 117), "syslog": (103, 116), "personality": (135, 92), "pivot_root": (155, 41),
+    "chroot": (161, 51), "acct": (163, 89), "mount": (165, 40), "umount2": (166, 39),
+    "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "iopl": (172, None),
+    "ioperm": (173, None), "init_module": (175, 105), "delete_module": (176, 106),
+    "quotactl": (179, 60), "kexec_load": (246, 104), "add_key": (248, 217),
+    "request_key": (249, 218), "keyctl": (250, 219), "unshare": (272, 97),
+    "perf_event_open": (298, 241), "fanotify_init": (300, 262), "name_to_handle_at": (303, 264),
+    "open_by_handle_at": (304, 265), "setns": (308, 268), "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271), "finit_module": (313, 273), "kexec_file_load": (320, 294),
+    "bpf": (321, 280), "userfaultfd": (323, 282), "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "open_tree": (428, 428),
+    "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "pidfd_getfd": (438, 438), "mount_setattr": (442, 442),
+}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+def seccomp_program(machine: str) -> bytes:
+    """The filter as struct sock_filter records {u16 code; u8 jt; u8 jf; u32 k}."""
+    load_word, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
+    kill, allow, eperm = 0x80000000, 0x7FFF0000, 0x00050000 | errno.EPERM
+    column = 0 if machine == "x86_64" else 1
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    program = [op(load_word, 4), op(jump_eq, AUDIT_ARCH[machine], 1, 0), op(ret, kill), op(load_word, 0)]
+    if machine == "x86_64":
+        program += [op(jump_ge, 0x40000000, 0, 1), op(ret, kill)]   # x32 ABI
+    for numbers in DENIED_SYSCALLS.values():
+        if numbers[column] is not None:
+            program += [op(jump_eq, numbers[column], 0, 1), op(ret, eperm)]
+    program.append(op(ret, allow))
+    return b"".join(program)
+
+
+def seccomp_fd(program: bytes) -> int:
+    """A fresh memfd holding the program: bwrap reads it to the end, so one per spawn."""
+    fd = os.memfd_create("faas-seccomp", 0)
+    os.write(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -590,6 +1015,7 @@ class Outcome:
     stdout: bytearray = dataclasses.field(default_factory=bytearray)
     stderr: bytearray = dataclasses.field(default_factory=bytearray)
     truncated: bool = False
+    oom: bool = False
     duration_ms: int = 0
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -625,6 +1051,16 @@ class LineSplitter:
             self.sink(self.stream, line.rstrip(b"\r").decode("utf-8", "replace"))
 
 
+def first_json_document(data: bytes) -> dict[str, Any] | None:
+    """The wrapper's result. Only the first document counts: a forked child of the user's
+    code could write to the inherited result pipe too."""
+    try:
+        document, _ = json.JSONDecoder().raw_decode(data.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def passwd_files(uid: int, gid: int) -> dict[str, str]:
     return {"passwd": f"sandbox:x:{uid}:{gid}:sandbox:/tmp:/usr/sbin/nologin\n",
             "group": f"sandbox:x:{gid}:\n"}
@@ -646,6 +1082,7 @@ class Sandbox:
         self.runtime_dir = runtime_dir
         self.install_runtime_files(uid, gid)
         self.base_argv = self.build_base_argv(uid, gid)
+        self.seccomp = seccomp_program(platform.machine())
 
     def install_runtime_files(self, uid: int, gid: int) -> None:
         os.chmod(self.runtime_dir, 0o755)
@@ -684,41 +1121,53 @@ class Sandbox:
             "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp",
         ]
 
+    def gate(self, limits: Limits) -> list[str]:
+        """The process started first, as the sandbox user: it waits for one line on stdin, sets
+        its rlimits, then becomes bwrap. The server moves it into the run's cgroup in between,
+        so every process of the run starts inside its limits (race-free, no preexec_fn)."""
+        script = f'read -r _ && {rlimit_commands(limits, self.limits.name)} && exec "$@"'
+        return ["/bin/sh", "-c", script, "faas-gate"]
+
     def run(self, argv: list[str], stdin: bytes, limits: Limits, sink: LineSink | None = None,
             result_fd: bool = True) -> Outcome:
         """Run argv in a fresh sandbox: feed stdin, stream lines to sink, collect the result pipe."""
-        run_id = uuid.uuid4().hex[:12]
         outcome = Outcome()
-        result_r, result_w = os.pipe() if result_fd else (-1, -1)
         started = time.monotonic()
         proc = None
-        cgroup: RunCgroup = NoCgroup()
+        result_r = -1
+        cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
         try:
-            command = [*self.base_argv, "--", *argv, *([str(result_w)] if result_fd else [])]
-            proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(result_w,) if result_fd else (), close_fds=True,
-                **self.privilege_drop())
+            child_fds = [seccomp_fd(self.seccomp)]
+            tail = []
             if result_fd:
-                os.close(result_w)
-                result_w = -1
-            cgroup = self.limits.enter(run_id, proc.pid, limits)
-            self.feed(proc, stdin)
+                result_r, result_w = os.pipe()
+                child_fds.append(result_w)
+                tail = [str(result_w)]
+            command = [*self.gate(limits), *cgroup.command_prefix(), *self.base_argv,
+                       "--seccomp", str(child_fds[0]), "--", *argv, *tail]
+            try:
+                proc = subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    pass_fds=child_fds, **self.privilege_drop(cgroup))
+            finally:
+                for fd in child_fds:
+                    os.close(fd)
+            cgroup.enter(proc.pid)
+            self.feed(proc, b"go\n" + stdin)
             self.pump(proc, result_r, limits, sink, outcome, started)
         finally:
-            if result_w >= 0:
-                os.close(result_w)
             if result_r >= 0:
                 os.close(result_r)
             if proc is not None:
                 self.finish(proc, cgroup, outcome)
+            cgroup.remove()
             outcome.duration_ms = int((time.monotonic() - started) * 1000)
         return outcome
 
-    def privilege_drop(self) -> dict[str, Any]:
-        """As root, start bwrap as the unprivileged sandbox uid: root inside a user namespace is
-        still host root for /proc/sys and RLIMIT_NPROC (research/sandbox.md)."""
-        if not self.drop_privileges:
+    def privilege_drop(self, cgroup: RunCgroup) -> dict[str, Any]:
+        """As root, start the sandbox as the unprivileged sandbox uid: root inside a user
+        namespace is still host root for /proc/sys and RLIMIT_NPROC (research/sandbox.md)."""
+        if not self.drop_privileges or not cgroup.drops_privileges:
             return {}
         return {"user": self.config.sandbox_uid, "group": self.config.sandbox_gid, "extra_groups": []}
 
@@ -779,17 +1228,13 @@ class Sandbox:
                         break
                 if outcome.status != "ok":
                     break
-        if result:
-            try:
-                outcome.result = json.loads(result)
-            except ValueError:
-                outcome.result = None
+        outcome.result = first_json_document(bytes(result))
 
     def finish(self, proc: subprocess.Popen, cgroup: RunCgroup, outcome: Outcome) -> None:
-        """End the run: kill what is left (the pid namespace dies with bwrap), reap, read usage,
-        remove the cgroup. Safe to call on a process that has already exited."""
+        """End the run: kill whatever is left (the whole pid namespace dies with bwrap), reap,
+        read the counters. Safe on a process that has already exited."""
+        cgroup.kill()
         if proc.poll() is None:
-            cgroup.kill()
             proc.kill()
         try:
             code = proc.wait(timeout=5)
@@ -799,17 +1244,14 @@ class Sandbox:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
-        if code is not None:
-            if code < 0:
-                outcome.signal = -code
-            elif code > 128 and outcome.status == "ok":
-                outcome.exit_code, outcome.signal = code, code - 128   # bwrap reports a child's signal as 128+n
-            else:
-                outcome.exit_code = code
-        if cgroup.oom_killed():
-            outcome.status = "oom"
+        if code is not None and code < 0:
+            outcome.signal = -code
+        elif code is not None and code > 128:
+            outcome.exit_code, outcome.signal = code, code - 128   # bwrap: child killed by signal n
+        else:
+            outcome.exit_code = code
+        outcome.oom = cgroup.oom_killed()
         outcome.usage = cgroup.usage()
-        cgroup.remove()
 
 
 # ==========================================================================================
@@ -876,14 +1318,19 @@ def describe_failure(outcome: Outcome, limits: Limits) -> str:
 
 
 def settle_status(outcome: Outcome) -> None:
-    """Turn how the process ended into the one status the caller sees."""
+    """Turn how the process ended into the one status the caller sees. The pump already set
+    timeout or output_limit; OOM comes from the cgroup's counter, not from exit code 137."""
     if outcome.status != "ok":
         return
     result = outcome.result
     if result is not None and result.get("ok") is True:
         return
-    if result is not None:
+    if outcome.oom:
+        outcome.status = "oom"
+    elif result is not None:
         outcome.status = "error"
+    elif outcome.signal == signal.SIGXCPU:
+        outcome.status = "timeout"
     elif outcome.signal is not None:
         outcome.status = "killed"
     elif outcome.exit_code not in (None, 0):
