@@ -124,6 +124,8 @@ class Config:
     tmp_size: int
     max_runs: int
     queue_timeout: float
+    max_queue: int
+    max_connections: int
     token: str | None
     insecure: bool
     sandbox_uid: int
@@ -168,6 +170,8 @@ class Config:
             tmp_size=parse_size("FAAS_TMP_SIZE", get("FAAS_TMP_SIZE", "64M")),
             max_runs=parse_number("FAAS_MAX_RUNS", get("FAAS_MAX_RUNS", str(4 * cpus)), int, 1),
             queue_timeout=parse_number("FAAS_QUEUE_TIMEOUT", get("FAAS_QUEUE_TIMEOUT", "2"), float, 0),
+            max_queue=parse_number("FAAS_MAX_QUEUE", get("FAAS_MAX_QUEUE", str(8 * cpus)), int, 0),
+            max_connections=parse_number("FAAS_MAX_CONNECTIONS", get("FAAS_MAX_CONNECTIONS", "256"), int, 1),
             token=token,
             insecure=insecure,
             sandbox_uid=uid,
@@ -223,6 +227,7 @@ class Version:
     code: str
     compiled: str | None
     created: float
+    limits: dict[str, Any] | None = None   # the upload's own lower timeout/memory
 
     @property
     def runnable(self) -> str:
@@ -241,7 +246,8 @@ def next_version(previous: int) -> int:
 class Store(Protocol):
     kind: str
 
-    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version: ...
+    def put(self, path: str, language: str, code: str, compiled: str | None,
+            limits: dict[str, Any] | None) -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
     def list_functions(self) -> list[dict[str, Any]]: ...
     def list_versions(self, path: str) -> list[dict[str, Any]]: ...
@@ -259,7 +265,7 @@ class SQLiteStore:
             updated REAL NOT NULL);
         CREATE TABLE IF NOT EXISTS versions (
             path TEXT NOT NULL, version INTEGER NOT NULL, language TEXT NOT NULL,
-            code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL,
+            code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL, limits TEXT,
             PRIMARY KEY (path, version));
     """
 
@@ -280,15 +286,18 @@ class SQLiteStore:
             self.local.db = db
         return db
 
-    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version:
+    COLUMNS = "path, version, language, code, compiled, created, limits"
+
+    def put(self, path: str, language: str, code: str, compiled: str | None,
+            limits: dict[str, Any] | None) -> Version:
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
             version = next_version(row[0] if row else 0)
             now = time.time()
-            db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?)",
-                       (path, version, language, code, compiled, now))
+            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                       (path, version, language, code, compiled, now, json.dumps(limits) if limits else None))
             db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
                        "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
                        (path, version, version, now))
@@ -296,18 +305,22 @@ class SQLiteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Version(path, version, language, code, compiled, now)
+        return Version(path, version, language, code, compiled, now, limits)
+
+    @staticmethod
+    def version_from_row(row: tuple) -> Version:
+        *fields, limits = row
+        return Version(*fields, json.loads(limits) if limits else None)
 
     def get(self, path: str, version: int | None = None) -> Version | None:
         db = self.connect()
         if version is None:
-            row = db.execute("SELECT v.path, v.version, v.language, v.code, v.compiled, v.created "
-                             "FROM functions f JOIN versions v ON v.path=f.path AND v.version=f.latest "
-                             "WHERE f.path=?", (path,)).fetchone()
+            row = db.execute(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version="
+                             "(SELECT latest FROM functions WHERE path=?)", (path, path)).fetchone()
         else:
-            row = db.execute("SELECT path, version, language, code, compiled, created FROM versions "
-                             "WHERE path=? AND version=?", (path, version)).fetchone()
-        return Version(*row) if row else None
+            row = db.execute(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version=?",
+                             (path, version)).fetchone()
+        return self.version_from_row(row) if row else None
 
     def list_functions(self) -> list[dict[str, Any]]:
         rows = self.connect().execute(
@@ -319,9 +332,8 @@ class SQLiteStore:
 
     def list_versions(self, path: str) -> list[dict[str, Any]]:
         rows = self.connect().execute(
-            "SELECT path, version, language, code, compiled, created FROM versions WHERE path=? "
-            "ORDER BY version", (path,)).fetchall()
-        return [Version(*row).summary() for row in rows]
+            f"SELECT {self.COLUMNS} FROM versions WHERE path=? ORDER BY version", (path,)).fetchall()
+        return [self.version_from_row(row).summary() for row in rows]
 
     def delete(self, path: str, version: int | None = None) -> bool:
         db = self.connect()
@@ -363,7 +375,7 @@ class RedisStore:
         local high = tonumber(redis.call('HGET', KEYS[2], 'high_water') or '0')
         local version = math.max(tonumber(ARGV[1]), high + 1)
         redis.call('HSET', KEYS[3] .. version, 'language', ARGV[2], 'code', ARGV[3],
-                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6])
+                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8])
         redis.call('ZADD', KEYS[4], version, version)
         redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
         redis.call('SADD', KEYS[1], ARGV[7])
@@ -405,11 +417,13 @@ class RedisStore:
         base = f"{self.prefix}function:{path}"
         return [f"{self.prefix}functions", base, f"{base}:v:", f"{base}:versions"]
 
-    def put(self, path: str, language: str, code: str, compiled: str | None) -> Version:
+    def put(self, path: str, language: str, code: str, compiled: str | None,
+            limits: dict[str, Any] | None) -> Version:
         now = time.time()
         version = int(self.put_script(keys=self.keys(path), args=[
-            int(now), language, code, compiled or "", int(compiled is not None), repr(now), path]))
-        return Version(path, version, language, code, compiled, now)
+            int(now), language, code, compiled or "", int(compiled is not None), repr(now), path,
+            json.dumps(limits) if limits else ""]))
+        return Version(path, version, language, code, compiled, now, limits)
 
     def get(self, path: str, version: int | None = None) -> Version | None:
         _, base, version_prefix, _ = self.keys(path)
@@ -424,8 +438,9 @@ class RedisStore:
     @staticmethod
     def version_from_hash(path: str, version: int, fields: dict[bytes, bytes]) -> Version:
         compiled = fields[b"compiled"].decode() if fields.get(b"has_compiled") == b"1" else None
+        limits = json.loads(fields[b"limits"]) if fields.get(b"limits") else None
         return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
-                       compiled, float(fields[b"created"]))
+                       compiled, float(fields[b"created"]), limits)
 
     def list_functions(self) -> list[dict[str, Any]]:
         answer = []
@@ -532,6 +547,8 @@ class Limits:
         """These limits with the caller's `timeout`/`memory` applied; 400 if above the maximum."""
         if not requested:
             return self
+        if not isinstance(requested, dict):
+            raise ApiError(400, "limits must be given as top-level timeout and memory fields")
         changes: dict[str, Any] = {}
         timeout = requested.get("timeout")
         if timeout is not None:
@@ -556,7 +573,14 @@ class Limits:
         return value
 
 
-MIN_RUN_MEMORY = 16 << 20   # below this no interpreter starts
+    def capped(self, stored: dict[str, Any] | None) -> "Limits":
+        """A version's stored limits, never above today's maxima (MAX_MEMORY may have shrunk)."""
+        stored = stored or {}
+        return dataclasses.replace(self, timeout=min(self.timeout, stored.get("timeout", self.timeout)),
+                                   memory=min(self.memory, stored.get("memory", self.memory)))
+
+
+MIN_RUN_MEMORY = 32 << 20   # below this Node does not start
 
 
 def requested_limits(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -592,6 +616,7 @@ class LimitBackend(Protocol):
     name: str
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup: ...
+    def close(self) -> None: ...
 
 
 def read_text(path: Path) -> str:
@@ -634,6 +659,21 @@ def remove_cgroup_dirs(dirs: list[Path], procs: Path, wait: float = 3.0) -> None
             LOG.error("could not remove cgroup %s", directory)
 
 
+def server_cgroup_dir(base: Path) -> Path:
+    """`faas-<pid>` under base: this server's parent for its runs, so servers sharing a
+    cgroup never touch each other's runs. Leftovers of servers that died are removed."""
+    for stale in base.glob("faas-*"):
+        pid = stale.name.removeprefix("faas-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            for run in stale.iterdir():
+                if run.is_dir():
+                    remove_cgroup_dirs([run], run / "cgroup.procs", wait=0)
+            remove_cgroup_dirs([stale], stale / "cgroup.procs", wait=0)
+    parent = base / f"faas-{os.getpid()}"
+    parent.mkdir(exist_ok=True)
+    return parent
+
+
 class NoCgroup:
     """The rlimit backend's 'cgroup': nothing to place, read or remove."""
     drops_privileges = True
@@ -663,6 +703,9 @@ class RlimitBackend:
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
         return NoCgroup()
+
+    def close(self) -> None:
+        pass
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -731,16 +774,14 @@ class CgroupV1Run:
 
 class CgroupV1Backend:
     """cgroup v1 (hybrid hosts like this one): memory, pids, cpu and cpuacct hierarchies, a
-    `faas` directory under the server's own cgroup in each, one child per run."""
+    `faas-<pid>` directory under the server's own cgroup in each, one child per run."""
     name = "cgroup-v1"
     CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
     def __init__(self, root: Path = CGROUP_ROOT) -> None:
         self.parents = {}
         for controller in self.CONTROLLERS:
-            parent = root / controller / own_cgroup(controller).lstrip("/") / "faas"
-            parent.mkdir(exist_ok=True)
-            self.parents[controller] = parent
+            self.parents[controller] = server_cgroup_dir(root / controller / own_cgroup(controller).lstrip("/"))
         if (self.parents["memory"] / "memory.use_hierarchy").exists():
             try:
                 (self.parents["memory"] / "memory.use_hierarchy").write_text("1")
@@ -752,6 +793,9 @@ class CgroupV1Backend:
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
         return CgroupV1Run({c: p / run_id for c, p in self.parents.items()}, limits)
+
+    def close(self) -> None:
+        remove_cgroup_dirs(list(self.parents.values()), self.parents["pids"] / "cgroup.procs", wait=0)
 
 
 class CgroupV2Run:
@@ -813,8 +857,7 @@ class CgroupV2Backend:
         if missing:
             raise OSError(f"controllers {missing} are not delegated to {own}")
         if own == root:
-            self.parent = root / "faas"
-            self.parent.mkdir(exist_ok=True)
+            self.parent = server_cgroup_dir(root)
         else:
             self.parent = own
             leaf = own / "server"
@@ -827,6 +870,10 @@ class CgroupV2Backend:
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
         return CgroupV2Run(self.parent / run_id, limits)
+
+    def close(self) -> None:
+        if self.parent.name.startswith("faas-"):
+            remove_cgroup_dirs([self.parent], self.parent / "cgroup.procs", wait=0)
 
 
 class SystemdScopeRun:
@@ -879,6 +926,9 @@ class SystemdRunBackend:
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
         return SystemdScopeRun(run_id, limits, self.uid, self.gid)
+
+    def close(self) -> None:
+        pass
 
 
 def limit_backend_unavailable(name: str) -> str | None:
@@ -1362,21 +1412,31 @@ def build_answer(outcome: Outcome, limits: Limits) -> tuple[int, dict[str, Any]]
 
 
 class RunSlots:
-    """At most max_runs sandboxes at once; callers wait briefly, then get a 429."""
+    """At most max_runs sandboxes at once. Up to max_waiting callers wait (at most `wait`
+    seconds) for a slot; everyone else gets a 429 at once."""
 
-    def __init__(self, max_runs: int, wait: float) -> None:
+    def __init__(self, max_runs: int, max_waiting: int, wait: float) -> None:
         self.semaphore = threading.BoundedSemaphore(max_runs)
         self.wait = wait
         self.max_runs = max_runs
+        self.max_waiting = max_waiting
         self.lock = threading.Lock()
         self.active = 0
+        self.waiting = 0
+        self.rejected = 0
 
     def __enter__(self) -> None:
-        if not self.semaphore.acquire(timeout=self.wait):
+        with self.lock:
+            queue_full = self.waiting >= self.max_waiting
+            self.waiting += not queue_full
+        acquired = not queue_full and self.semaphore.acquire(timeout=self.wait)
+        with self.lock:
+            self.waiting -= not queue_full
+            self.active += acquired
+            self.rejected += not acquired
+        if not acquired:
             raise ApiError(429, f"all {self.max_runs} run slots are busy; retry shortly",
                            headers={"Retry-After": "1"})
-        with self.lock:
-            self.active += 1
 
     def __exit__(self, *exc: Any) -> None:
         with self.lock:
@@ -1392,7 +1452,7 @@ class Invoker:
         self.store = store
         self.sandbox = sandbox
         self.limits = Limits.from_config(config)
-        self.slots = RunSlots(config.max_runs, config.queue_timeout)
+        self.slots = RunSlots(config.max_runs, config.max_queue, config.queue_timeout)
 
     # -- upload-time preparation ------------------------------------------------------------
     def prepare(self, runtime: Runtime, code: str) -> str | None:
@@ -1443,7 +1503,7 @@ class Invoker:
             raise ApiError(404, f"function '{path}' has no version {version}")
         return found
 
-    def invoke(self, runtime: Runtime, code: str, event: Any, sink: LineSink | None,
+    def invoke(self, runtime: Runtime, code: str, event: Any, limits: Limits, sink: LineSink | None,
                on_start: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
         """Run one call. `on_start` runs once a slot is taken, so a stream only begins
         when the call will really run (an overloaded server answers 429 as JSON)."""
@@ -1451,8 +1511,8 @@ class Invoker:
         with self.slots:
             if on_start is not None:
                 on_start()
-            outcome = self.sandbox.run(list(runtime.argv), request, self.limits, sink)
-        return build_answer(outcome, self.limits)
+            outcome = self.sandbox.run(list(runtime.argv), request, limits, sink)
+        return build_answer(outcome, limits)
 
 
 def first_line_number(message: str) -> int | None:
@@ -1470,7 +1530,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "faas"
     sys_version = ""
-    timeout = 30           # seconds a client may take to send its request (slowloris)
+    timeout = 10           # seconds a socket may stay silent (half-sent requests, idle keep-alive)
     app: "App"             # set on a subclass by App.serve
 
     ROUTES: list[tuple[str, re.Pattern[str], str]] = [
@@ -1640,8 +1700,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = check_path(body.get("path"))
         runtime = check_language(body.get("language"))
         code = check_code(body.get("code"))
+        limits = requested_limits(body)
+        self.app.invoker.limits.lowered(limits)   # validates; stored as asked, capped at run time
         compiled = self.app.invoker.prepare(runtime, code)
-        version = self.app.store.put(path, runtime.language, code, compiled)
+        version = self.app.store.put(path, runtime.language, code, compiled, limits)
         LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
                  version.version, runtime.language)
         self.send_json(200, {"path": path, "language": runtime.language, "version": version.version})
@@ -1653,7 +1715,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         stream = self.wants_stream(body)
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
-        self.run(RUNTIMES[version.language], version.runnable, event, stream, {"version": version.version})
+        limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
+        self.run(RUNTIMES[version.language], version.runnable, event, limits, stream, {"version": version.version})
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -1661,13 +1724,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = check_code(body.get("code"))
         stream = self.wants_stream(body)
         event = parse_input(body)
+        limits = self.app.invoker.limits.lowered(requested_limits(body))
         if runtime.transpile:
             code = self.app.invoker.transpile(code)
-        self.run(runtime, code, event, stream, {})
+        self.run(runtime, code, event, limits, stream, {})
 
-    def run(self, runtime: Runtime, code: str, event: Any, stream: bool, extra: dict[str, Any]) -> None:
+    def run(self, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
+            extra: dict[str, Any]) -> None:
         if not stream:
-            status, answer = self.app.invoker.invoke(runtime, code, event, None)
+            status, answer = self.app.invoker.invoke(runtime, code, event, limits, None)
             self.send_json(status, {**answer, **extra})
             return
 
@@ -1675,7 +1740,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data, kind = parse_printed(line)
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
-        status, answer = self.app.invoker.invoke(runtime, code, event, log_line, on_start=self.start_sse)
+        status, answer = self.app.invoker.invoke(runtime, code, event, limits, log_line, on_start=self.start_sse)
         answer = {**answer, **extra}
         for field in ("stdout", "stderr"):   # already streamed line by line
             answer.pop(field, None)
@@ -1687,8 +1752,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most max_connections of them: past that a client gets
+    a 503 at once, so idle or half-open connections cannot use up the server."""
     daemon_threads = True
     request_queue_size = 128
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 50\r\n\r\n"
+            b'{"error": "too many open connections; retry"}    ')
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            full = self.connections >= self.max_connections
+            self.connections += not full
+        if not full:
+            super().process_request(request, client_address)
+            return
+        try:
+            request.setblocking(False)
+            request.sendall(self.BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
 
 class App:
@@ -1724,7 +1821,7 @@ class App:
 
     def serve(self) -> None:
         handler = type("BoundHandler", (Handler,), {"app": self})
-        server = Server((self.config.host, self.config.port), handler)
+        server = Server((self.config.host, self.config.port), handler, self.config.max_connections)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: Any) -> None:
@@ -1744,6 +1841,7 @@ class App:
 
     def close(self) -> None:
         self.store.close()
+        self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
