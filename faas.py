@@ -127,6 +127,7 @@ class Config:
     max_queue: int
     max_connections: int
     token: str | None
+    invoke_token: str | None
     insecure: bool
     sandbox_uid: int
     sandbox_gid: int
@@ -147,6 +148,9 @@ class Config:
             raise ConfigError(f"FAAS_LIMITS={limits!r} must be one of {', '.join(LIMIT_BACKENDS)}")
         host = get("FAAS_HOST", "127.0.0.1")
         token = get("FAAS_TOKEN") or None
+        invoke_token = get("FAAS_INVOKE_TOKEN") or None
+        if invoke_token and not token:
+            raise ConfigError("FAAS_INVOKE_TOKEN is set but FAAS_TOKEN is not: set an admin token too")
         insecure = get("FAAS_INSECURE").lower() in ("1", "true", "yes")
         if not is_loopback(host) and not token and not insecure:
             raise ConfigError(f"FAAS_HOST={host!r} is not a loopback address: anyone reaching it "
@@ -173,6 +177,7 @@ class Config:
             max_queue=parse_number("FAAS_MAX_QUEUE", get("FAAS_MAX_QUEUE", str(8 * cpus)), int, 0),
             max_connections=parse_number("FAAS_MAX_CONNECTIONS", get("FAAS_MAX_CONNECTIONS", "256"), int, 1),
             token=token,
+            invoke_token=invoke_token,
             insecure=insecure,
             sandbox_uid=uid,
             sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID", str(uid)), int, 1),
@@ -235,7 +240,8 @@ class Version:
 
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "language": self.language, "size": len(self.code.encode()),
-                "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created}
+                "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created,
+                "limits": self.limits}
 
 
 def next_version(previous: int) -> int:
@@ -249,9 +255,11 @@ class Store(Protocol):
     def put(self, path: str, language: str, code: str, compiled: str | None,
             limits: dict[str, Any] | None) -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
+    def describe(self, path: str) -> dict[str, Any] | None: ...
     def list_functions(self) -> list[dict[str, Any]]: ...
     def list_versions(self, path: str) -> list[dict[str, Any]]: ...
-    def delete(self, path: str, version: int | None = None) -> bool: ...
+    def set_latest(self, path: str, version: int) -> bool: ...
+    def delete(self, path: str, version: int | None = None) -> int: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -322,20 +330,34 @@ class SQLiteStore:
                              (path, version)).fetchone()
         return self.version_from_row(row) if row else None
 
+    FUNCTION_SUMMARY = ("SELECT f.path, v.language, f.latest, (SELECT count(*) FROM versions c WHERE "
+                        "c.path=f.path), f.updated FROM functions f JOIN versions v ON v.path=f.path "
+                        "AND v.version=f.latest")
+
+    @staticmethod
+    def function_from_row(row: tuple) -> dict[str, Any]:
+        return dict(zip(("path", "language", "latest", "versions", "updated"), row))
+
+    def describe(self, path: str) -> dict[str, Any] | None:
+        row = self.connect().execute(self.FUNCTION_SUMMARY + " WHERE f.path=?", (path,)).fetchone()
+        return self.function_from_row(row) if row else None
+
     def list_functions(self) -> list[dict[str, Any]]:
-        rows = self.connect().execute(
-            "SELECT f.path, v.language, f.latest, (SELECT count(*) FROM versions c WHERE c.path=f.path), "
-            "f.updated FROM functions f JOIN versions v ON v.path=f.path AND v.version=f.latest "
-            "ORDER BY f.path").fetchall()
-        return [{"path": p, "language": lang, "latest": latest, "versions": n, "updated": updated}
-                for p, lang, latest, n, updated in rows]
+        rows = self.connect().execute(self.FUNCTION_SUMMARY + " ORDER BY f.path").fetchall()
+        return [self.function_from_row(row) for row in rows]
 
     def list_versions(self, path: str) -> list[dict[str, Any]]:
         rows = self.connect().execute(
             f"SELECT {self.COLUMNS} FROM versions WHERE path=? ORDER BY version", (path,)).fetchall()
         return [self.version_from_row(row).summary() for row in rows]
 
-    def delete(self, path: str, version: int | None = None) -> bool:
+    def set_latest(self, path: str, version: int) -> bool:
+        return self.connect().execute(
+            "UPDATE functions SET latest=?, updated=? WHERE path=? AND EXISTS "
+            "(SELECT 1 FROM versions WHERE path=? AND version=?)",
+            (version, time.time(), path, path, version)).rowcount > 0
+
+    def delete(self, path: str, version: int | None = None) -> int:
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -353,7 +375,7 @@ class SQLiteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return gone > 0
+        return gone
 
     def ping(self) -> None:
         self.connect().execute("SELECT 1").fetchone()
@@ -380,6 +402,11 @@ class RedisStore:
         redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
         redis.call('SADD', KEYS[1], ARGV[7])
         return version
+    """
+    SET_LATEST_SCRIPT = """
+        if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
+        redis.call('HSET', KEYS[2], 'latest', ARGV[1], 'updated', ARGV[2])
+        return 1
     """
     DELETE_SCRIPT = """
         local versions
@@ -411,6 +438,7 @@ class RedisStore:
         self.prefix = prefix
         self.put_script = self.redis.register_script(self.PUT_SCRIPT)
         self.delete_script = self.redis.register_script(self.DELETE_SCRIPT)
+        self.set_latest_script = self.redis.register_script(self.SET_LATEST_SCRIPT)
         self.ping()
 
     def keys(self, path: str) -> list[str]:
@@ -442,21 +470,21 @@ class RedisStore:
         return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
                        compiled, float(fields[b"created"]), limits)
 
+    def describe(self, path: str) -> dict[str, Any] | None:
+        _, base, version_prefix, versions = self.keys(path)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(base, "latest", "updated")
+            pipe.zcard(versions)
+            (latest, updated), count = pipe.execute()
+        if latest is None:
+            return None
+        language = self.redis.hget(f"{version_prefix}{int(latest)}", "language")
+        return {"path": path, "language": (language or b"").decode(), "latest": int(latest),
+                "versions": count, "updated": float(updated)}
+
     def list_functions(self) -> list[dict[str, Any]]:
-        answer = []
-        for raw in sorted(self.redis.smembers(f"{self.prefix}functions")):
-            path = raw.decode()
-            _, base, version_prefix, versions = self.keys(path)
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(base, "latest", "updated")
-                pipe.zcard(versions)
-                (latest, updated), count = pipe.execute()
-            if latest is None:
-                continue
-            language = self.redis.hget(f"{version_prefix}{int(latest)}", "language")
-            answer.append({"path": path, "language": (language or b"").decode(), "latest": int(latest),
-                           "versions": count, "updated": float(updated)})
-        return answer
+        paths = sorted(raw.decode() for raw in self.redis.smembers(f"{self.prefix}functions"))
+        return [found for found in map(self.describe, paths) if found is not None]
 
     def list_versions(self, path: str) -> list[dict[str, Any]]:
         _, _, version_prefix, versions = self.keys(path)
@@ -467,9 +495,11 @@ class RedisStore:
             hashes = pipe.execute()
         return [self.version_from_hash(path, n, h).summary() for n, h in zip(numbers, hashes) if h]
 
-    def delete(self, path: str, version: int | None = None) -> bool:
-        return int(self.delete_script(keys=self.keys(path),
-                                      args=[path, "" if version is None else str(version)])) > 0
+    def set_latest(self, path: str, version: int) -> bool:
+        return bool(self.set_latest_script(keys=self.keys(path), args=[version, repr(time.time())]))
+
+    def delete(self, path: str, version: int | None = None) -> int:
+        return int(self.delete_script(keys=self.keys(path), args=[path, "" if version is None else str(version)]))
 
     def ping(self) -> None:
         self.redis.ping()
@@ -508,7 +538,8 @@ RUNTIMES = {
 }
 RUNTIMES["typescript"] = dataclasses.replace(RUNTIMES["javascript"], language="typescript", transpile=True)
 TS_HEADER = "async function __main(event: any, input: any) {"
-ESBUILD_ARGS = ("--loader=ts", "--sourcemap=inline", "--sourcefile=function.ts", "--log-level=error")
+ESBUILD_ARGS = ("--loader=ts", "--sourcemap=inline", "--sourcefile=function.ts", "--log-level=error",
+                "--target=node18")   # Debian 12's Node; newer syntax is lowered at upload
 
 
 def check_language(language: Any) -> Runtime:
@@ -1067,6 +1098,7 @@ class Outcome:
     truncated: bool = False
     oom: bool = False
     duration_ms: int = 0
+    spawn_ms: float = 0
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -1203,6 +1235,7 @@ class Sandbox:
                 for fd in child_fds:
                     os.close(fd)
             cgroup.enter(proc.pid)
+            outcome.spawn_ms = (time.monotonic() - started) * 1000
             self.feed(proc, b"go\n" + stdin)
             self.pump(proc, result_r, limits, sink, outcome, started)
         finally:
@@ -1447,10 +1480,11 @@ class RunSlots:
 class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
-    def __init__(self, config: Config, store: Store, sandbox: Sandbox) -> None:
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox, metrics: Metrics) -> None:
         self.config = config
         self.store = store
         self.sandbox = sandbox
+        self.metrics = metrics
         self.limits = Limits.from_config(config)
         self.slots = RunSlots(config.max_runs, config.max_queue, config.queue_timeout)
 
@@ -1503,8 +1537,8 @@ class Invoker:
             raise ApiError(404, f"function '{path}' has no version {version}")
         return found
 
-    def invoke(self, runtime: Runtime, code: str, event: Any, limits: Limits, sink: LineSink | None,
-               on_start: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
+    def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
+               sink: LineSink | None, on_start: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
         """Run one call. `on_start` runs once a slot is taken, so a stream only begins
         when the call will really run (an overloaded server answers 429 as JSON)."""
         request = json.dumps({"code": code, "event": event, "language": runtime.language}).encode()
@@ -1512,7 +1546,11 @@ class Invoker:
             if on_start is not None:
                 on_start()
             outcome = self.sandbox.run(list(runtime.argv), request, limits, sink)
-        return build_answer(outcome, limits)
+        status, answer = build_answer(outcome, limits)
+        self.metrics.inc("faas_calls_total", function=function, language=runtime.language, status=outcome.status)
+        self.metrics.observe("faas_call_duration_seconds", outcome.duration_ms / 1000, language=runtime.language)
+        self.metrics.observe("faas_sandbox_spawn_seconds", outcome.spawn_ms / 1000)
+        return status, answer
 
 
 def first_line_number(message: str) -> int | None:
@@ -1525,6 +1563,85 @@ def first_line_number(message: str) -> int | None:
 # 7. HTTP
 # ==========================================================================================
 
+def request_id(given: str | None) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one."""
+    if given and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+def is_store_error(error: Exception) -> bool:
+    return isinstance(error, sqlite3.Error) or type(error).__module__.startswith("redis")
+
+
+class Metrics:
+    """Counters and histograms for GET /metrics, in Prometheus' text format."""
+    HELP = {
+        "faas_calls_total": ("counter", "Function calls by function, language and outcome status."),
+        "faas_call_duration_seconds": ("histogram", "Wall time of function calls, sandbox start to end."),
+        "faas_sandbox_spawn_seconds": ("histogram", "Time to create a run's cgroup and start its sandbox."),
+        "faas_uploads_total": ("counter", "Stored uploads by language."),
+        "faas_store_errors_total": ("counter", "Requests that failed because the store did."),
+        "faas_http_requests_total": ("counter", "HTTP requests by route and status code."),
+    }
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + amount
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """Per-bucket counts plus sum and count: [bucket..., +Inf, sum]."""
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            series = self.histograms.setdefault(key, [0.0] * (len(self.BUCKETS) + 2))
+            for index, bound in enumerate(self.BUCKETS):
+                series[index] += seconds <= bound
+            series[-2] += 1
+            series[-1] += seconds
+
+    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+        with self.lock:
+            counters = sorted(self.counters.items())
+            histograms = sorted((key, list(series)) for key, series in self.histograms.items())
+        lines: list[str] = []
+        announced: set[str] = set()
+
+        def announce(name: str, kind: str, text: str) -> None:
+            if name not in announced:
+                announced.add(name)
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+        for name, (text, value) in gauges.items():
+            base = name.split("{")[0]
+            announce(base, "counter" if base.endswith("_total") else "gauge", text)
+            lines.append(f"{name} {value:g}")
+        for (name, labels), value in counters:
+            announce(name, *self.HELP[name])
+            lines.append(f"{name}{format_labels(labels)} {value:g}")
+        for (name, labels), series in histograms:
+            announce(name, *self.HELP[name])
+            for bound, count in zip((*self.BUCKETS, "+Inf"), series):
+                lines.append(f"{name}_bucket{format_labels((*labels, ('le', str(bound))))} {count:g}")
+            lines.append(f"{name}_count{format_labels(labels)} {series[-2]:g}")
+            lines.append(f"{name}_sum{format_labels(labels)} {series[-1]:.6f}")
+        return "\n".join(lines) + "\n"
+
+
+def format_labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{key}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
+               for key, value in labels)
+    return "{" + ",".join(escaped) + "}"
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to small handler methods; every error leaves as JSON."""
     protocol_version = "HTTP/1.1"
@@ -1533,11 +1650,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = 10           # seconds a socket may stay silent (half-sent requests, idle keep-alive)
     app: "App"             # set on a subclass by App.serve
 
-    ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-        ("GET", re.compile(r"/healthz"), "get_health"),
-        ("POST", re.compile(r"/upload"), "post_upload"),
-        ("POST", re.compile(r"/run-now"), "post_run_now"),
-        ("POST", re.compile(r"/run/(?P<path>.+)"), "post_run"),
+    # method, path pattern, handler method, who may call it (public, invoke or admin)
+    ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
+        ("GET", re.compile(r"/healthz"), "get_health", "public"),
+        ("GET", re.compile(r"/openapi\.json"), "get_openapi", "public"),
+        ("GET", re.compile(r"/metrics"), "get_metrics", "admin"),
+        ("POST", re.compile(r"/upload"), "post_upload", "admin"),
+        ("POST", re.compile(r"/run-now"), "post_run_now", "admin"),
+        ("POST", re.compile(r"/run/(?P<path>.+)"), "post_run", "invoke"),
+        ("GET", re.compile(r"/functions"), "get_functions", "admin"),
+        ("GET", re.compile(r"/functions/(?P<path>.+)"), "get_function", "admin"),
+        ("PATCH", re.compile(r"/functions/(?P<path>.+)"), "patch_function", "admin"),
+        ("DELETE", re.compile(r"/functions/(?P<path>.+)"), "delete_function", "admin"),
     ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -1560,51 +1684,75 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.dispatch("HEAD")
 
     def dispatch(self, method: str) -> None:
-        self.request_id = self.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        self.server.request_started(True)
+        try:
+            self.handle_request(method)
+        finally:
+            self.server.request_started(False)
+        if self.app.stopping.is_set():
+            self.close_connection = True
+
+    def handle_request(self, method: str) -> None:
+        self.request_id = request_id(self.headers.get("X-Request-Id"))
         self.started = time.monotonic()
         self.status_sent = 0
+        route = "unknown"
         url = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(url.query)
         try:
-            handler, params = self.route(method, urllib.parse.unquote(url.path))
-            self.authorize()
+            handler, params, route, permission = self.route(method, urllib.parse.unquote(url.path))
+            self.authorize(permission)
             handler(**params)
         except ApiError as error:
-            self.send_json(error.status, {"error": error.message, **{k: v for k, v in error.extra.items()
-                                                                     if k != "headers"}},
-                           error.extra.get("headers"))
+            self.send_error_json(error)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
-        except Exception:
-            LOG.exception("request_id=%s internal error", self.request_id)
-            if not self.status_sent:
-                self.send_json(500, {"error": "internal server error; see the server log",
-                                     "request_id": self.request_id})
+        except Exception as error:
             self.close_connection = True
-        LOG.info("request_id=%s method=%s path=%s status=%s duration_ms=%d", self.request_id, method,
-                 url.path, self.status_sent, (time.monotonic() - self.started) * 1000)
+            if is_store_error(error):
+                LOG.error("request_id=%s store error: %s", self.request_id, error)
+                self.app.metrics.inc("faas_store_errors_total")
+                if not self.status_sent:
+                    self.send_error_json(ApiError(503, "the function store is unavailable; retry shortly",
+                                                  headers={"Retry-After": "1"}))
+            else:
+                LOG.exception("request_id=%s internal error", self.request_id)
+                if not self.status_sent:
+                    self.send_error_json(ApiError(500, "internal server error; see the server log",
+                                                  request_id=self.request_id))
+        self.app.metrics.inc("faas_http_requests_total", route=route, code=str(self.status_sent))
+        LOG.info("request request_id=%s method=%s path=%s route=%s status=%s duration_ms=%d",
+                 self.request_id, method, url.path, route, self.status_sent,
+                 (time.monotonic() - self.started) * 1000)
 
-    def route(self, method: str, path: str) -> tuple[Callable[..., None], dict[str, str]]:
+    def route(self, method: str, path: str) -> tuple[Callable[..., None], dict[str, str], str, str]:
         allowed = []
-        for route_method, pattern, name in self.ROUTES:
+        for route_method, pattern, name, permission in self.ROUTES:
             match = pattern.fullmatch(path)
             if match:
-                if route_method == method:
-                    return getattr(self, name), match.groupdict()
+                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                    return getattr(self, name), match.groupdict(), name, permission
                 allowed.append(route_method)
         if allowed:
             raise ApiError(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}",
                            headers={"Allow": ", ".join(allowed)})
         raise ApiError(404, f"no route {path}")
 
-    def authorize(self) -> None:
-        token = self.app.config.token
-        if token is None:
+    def authorize(self, permission: str) -> None:
+        """Bearer tokens compared in constant time: the admin token may do everything, the
+        invoke token only call stored functions. No token configured: open (loopback only)."""
+        admin, invoke = self.app.config.token, self.app.config.invoke_token
+        if permission == "public" or admin is None:
             return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
-                           headers={"WWW-Authenticate": 'Bearer realm="faas"'})
+        given = self.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, f"Bearer {admin}".encode()):
+            return
+        if invoke is not None and hmac.compare_digest(given, f"Bearer {invoke}".encode()):
+            if permission == "invoke":
+                return
+            raise ApiError(403, "this token may only call functions (POST /run/<path>)")
+        raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
+                       headers={"WWW-Authenticate": 'Bearer realm="faas"'})
 
     # -- reading ----------------------------------------------------------------------------
     def read_json(self) -> dict[str, Any]:
@@ -1656,10 +1804,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return version
 
     # -- writing ----------------------------------------------------------------------------
+    def send_error_json(self, error: ApiError) -> None:
+        extra = {k: v for k, v in error.extra.items() if k != "headers"}
+        self.send_json(error.status, {"error": error.message, **extra}, error.extra.get("headers"))
+
     def send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_body(status, json.dumps(body, ensure_ascii=False).encode(), "application/json", headers)
+
+    def send_body(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Request-Id", self.request_id)
         for name, value in (headers or {}).items():
@@ -1693,7 +1847,55 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- routes -----------------------------------------------------------------------------
     def get_health(self) -> None:
-        self.send_json(200, self.app.health())
+        health = self.app.health()
+        self.send_json(200 if health["status"] == "ok" else 503, health)
+
+    def get_openapi(self) -> None:
+        if self.app.openapi is None:
+            raise ApiError(404, "openapi.json is not installed beside faas.py")
+        self.send_body(200, self.app.openapi, "application/json")
+
+    def get_metrics(self) -> None:
+        self.send_body(200, self.app.render_metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def get_functions(self) -> None:
+        self.send_json(200, {"functions": self.app.store.list_functions()})
+
+    def get_function(self, path: str) -> None:
+        check_path(path)
+        version_number = self.query_version()
+        function = self.app.store.describe(path)
+        if function is None:
+            raise ApiError(404, f"no function at path '{path}'")
+        answer = {**function, "versions": self.app.store.list_versions(path)}
+        if version_number is not None:
+            version = self.app.invoker.resolve(path, version_number)
+            answer.update(version=version.version, code=version.code)
+        self.send_json(200, answer)
+
+    def patch_function(self, path: str) -> None:
+        check_path(path)
+        body = self.read_json()
+        latest = body.get("latest")
+        if isinstance(latest, bool) or not isinstance(latest, int) or latest <= 0:
+            raise ApiError(400, "send {\"latest\": N} with N an existing version number")
+        self.app.invoker.resolve(path, latest)
+        if not self.app.store.set_latest(path, latest):
+            raise ApiError(404, f"function '{path}' has no version {latest}")
+        LOG.info("latest request_id=%s path=%s latest=%d", self.request_id, path, latest)
+        self.send_json(200, {"path": path, "latest": latest})
+
+    def delete_function(self, path: str) -> None:
+        check_path(path)
+        version_number = self.query_version()
+        deleted = self.app.store.delete(path, version_number)
+        if not deleted:
+            self.app.invoker.resolve(path, version_number)   # says which of the two is unknown
+            raise ApiError(404, f"no function at path '{path}'")
+        remaining = self.app.store.describe(path)
+        LOG.info("deleted request_id=%s path=%s version=%s count=%d", self.request_id, path,
+                 version_number or "all", deleted)
+        self.send_json(200, {"path": path, "deleted": deleted, "latest": remaining and remaining["latest"]})
 
     def post_upload(self) -> None:
         body = self.read_json()
@@ -1704,6 +1906,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.app.invoker.limits.lowered(limits)   # validates; stored as asked, capped at run time
         compiled = self.app.invoker.prepare(runtime, code)
         version = self.app.store.put(path, runtime.language, code, compiled, limits)
+        self.app.metrics.inc("faas_uploads_total", language=runtime.language)
         LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
                  version.version, runtime.language)
         self.send_json(200, {"path": path, "language": runtime.language, "version": version.version})
@@ -1716,7 +1919,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
-        self.run(RUNTIMES[version.language], version.runnable, event, limits, stream, {"version": version.version})
+        self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream,
+                 {"version": version.version})
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -1727,12 +1931,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         limits = self.app.invoker.limits.lowered(requested_limits(body))
         if runtime.transpile:
             code = self.app.invoker.transpile(code)
-        self.run(runtime, code, event, limits, stream, {})
+        self.run("run-now", runtime, code, event, limits, stream, {})
 
-    def run(self, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
+    def run(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
             extra: dict[str, Any]) -> None:
         if not stream:
-            status, answer = self.app.invoker.invoke(runtime, code, event, limits, None)
+            status, answer = self.app.invoker.invoke(function, runtime, code, event, limits, None)
             self.send_json(status, {**answer, **extra})
             return
 
@@ -1740,7 +1944,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data, kind = parse_printed(line)
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
-        status, answer = self.app.invoker.invoke(runtime, code, event, limits, log_line, on_start=self.start_sse)
+        status, answer = self.app.invoker.invoke(function, runtime, code, event, limits, log_line,
+                                                 on_start=self.start_sse)
         answer = {**answer, **extra}
         for field in ("stdout", "stderr"):   # already streamed line by line
             answer.pop(field, None)
@@ -1764,12 +1969,19 @@ class Server(http.server.ThreadingHTTPServer):
         super().__init__(address, handler)
         self.max_connections = max_connections
         self.connections = 0
+        self.busy = 0          # requests being handled now (idle keep-alive connections are not)
+        self.rejected = 0
         self.connections_lock = threading.Lock()
+
+    def request_started(self, started: bool) -> None:
+        with self.connections_lock:
+            self.busy += 1 if started else -1
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         with self.connections_lock:
             full = self.connections >= self.max_connections
             self.connections += not full
+            self.rejected += full
         if not full:
             super().process_request(request, client_address)
             return
@@ -1788,17 +2000,47 @@ class Server(http.server.ThreadingHTTPServer):
                 self.connections -= 1
 
 
+def notify_systemd(message: str) -> None:
+    """sd_notify(3) by hand: one datagram to $NOTIFY_SOCKET (abstract when it starts with @)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as error:
+        LOG.warning("systemd notify failed: %s", error)
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, when the watchdog is meant for this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+    if not usec.isdigit() or pid != str(os.getpid()):
+        return None
+    return int(usec) / 2_000_000
+
+
 class App:
-    """Everything one server process holds: config, store, sandbox, invoker."""
+    """Everything one server process holds: config, store, sandbox, invoker, metrics."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.store = open_store(config)
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-"))
+        runtime_base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-", dir=runtime_base))
         self.limit_backend = choose_limit_backend(config)
         self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir)
-        self.invoker = Invoker(config, self.store, self.sandbox)
+        self.invoker = Invoker(config, self.store, self.sandbox, self.metrics)
+        openapi = HERE / "openapi.json"
+        self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.started = time.time()
+        self.stopping = threading.Event()
+        self.server: Server | None = None
 
     def health(self) -> dict[str, Any]:
         try:
@@ -1810,34 +2052,70 @@ class App:
         return {
             "status": "ok" if store_ok else "degraded",
             "store": self.store.kind, "store_ok": store_ok,
-            "sandbox": "bwrap", "limits": self.limit_backend.name,
+            "sandbox": "bwrap", "seccomp": True, "limits": self.limit_backend.name,
             "runtimes": {name: {"interpreter": rt.interpreter,
                                 "available": os.access(rt.interpreter, os.X_OK)
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
                          for name, rt in RUNTIMES.items()},
-            "runs_active": self.invoker.slots.active, "max_runs": self.config.max_runs,
-            "uptime_s": round(time.time() - self.started, 1),
+            "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
+            "max_runs": self.config.max_runs, "uptime_s": round(time.time() - self.started, 1),
         }
+
+    def render_metrics(self) -> str:
+        slots = self.invoker.slots
+        rejected_connections = self.server.rejected if self.server else 0
+        return self.metrics.render({
+            "faas_runs_in_flight": ("Sandboxes running now.", slots.active),
+            "faas_runs_waiting": ("Calls waiting for a run slot.", slots.waiting),
+            "faas_max_runs": ("Configured FAAS_MAX_RUNS.", slots.max_runs),
+            'faas_rejected_total{reason="queue"}': ("Calls refused: 429 queue full, 503 too many connections.",
+                                                    slots.rejected),
+            'faas_rejected_total{reason="connections"}': ("", rejected_connections),
+            "faas_uptime_seconds": ("Seconds since the server started.", round(time.time() - self.started, 3)),
+        })
 
     def serve(self) -> None:
         handler = type("BoundHandler", (Handler,), {"app": self})
-        server = Server((self.config.host, self.config.port), handler, self.config.max_connections)
-        stop = threading.Event()
-
-        def on_signal(signum: int, frame: Any) -> None:
-            LOG.info("signal %s: shutting down", signum)
-            stop.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        self.server = server = Server((self.config.host, self.config.port), handler, self.config.max_connections)
+        signal.signal(signal.SIGTERM, self.on_stop_signal)
+        signal.signal(signal.SIGINT, self.on_stop_signal)
         LOG.info("listening on http://%s:%d store=%s limits=%s", self.config.host,
                  server.server_address[1], self.store.kind, self.limit_backend.name)
+        if self.config.insecure and not is_loopback(self.config.host) and not self.config.token:
+            LOG.warning("FAAS_INSECURE=1: anyone who reaches %s can run code", self.config.host)
+        notify_systemd(f"READY=1\nSTATUS=serving on port {server.server_address[1]}")
+        interval = watchdog_interval()
+        if interval:
+            threading.Thread(target=self.watchdog, args=(interval,), daemon=True).start()
         try:
             server.serve_forever(poll_interval=0.5)
+            self.drain()
         finally:
             server.server_close()
             self.close()
+
+    def on_stop_signal(self, signum: int, frame: Any) -> None:
+        """Stop accepting at once; running calls finish in drain()."""
+        if self.stopping.is_set():
+            return
+        LOG.info("signal %s: stopping; running calls may finish", signal.Signals(signum).name)
+        notify_systemd("STOPPING=1\nSTATUS=draining running calls")
+        self.stopping.set()
+        assert self.server is not None
+        threading.Thread(target=self.server.shutdown, daemon=True).start()
+
+    def drain(self) -> None:
+        """Wait for requests in progress, at most one time limit (plus a margin)."""
+        assert self.server is not None
+        deadline = time.monotonic() + self.config.timeout + 5
+        while self.server.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.server.busy:
+            LOG.warning("stopping with %d requests still running", self.server.busy)
+
+    def watchdog(self, interval: float) -> None:
+        while not self.stopping.wait(interval):
+            notify_systemd("WATCHDOG=1")
 
     def close(self) -> None:
         self.store.close()
@@ -1941,40 +2219,143 @@ def install_missing(missing: list[Dependency]) -> None:
         subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=HERE, check=False)
 
 
-def load_config() -> Config:
-    env = {**read_dotenv(Path.cwd() / ".env"), **os.environ}
+INSTALL_FILES = ("faas.py", "openapi.json", "package.json", "package-lock.json", "README.md")
+UNIT_FILES = ("faas.service", "faas.slice")
+SYSTEMD_DIR = Path("/etc/systemd/system")
+ENV_FILE = Path("/etc/faas/faas.env")
+ENV_TEMPLATE = """# Settings for faas.service, one NAME=value per line (see README.md, Configuration).
+# After a change: systemctl restart faas
+# MAX_MEMORY=128M
+# TIMEOUT_SCRIPT=30
+# FAAS_TOKEN=
+"""
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def install(prefix: Path) -> int:
+    """Copy the server, its wrappers and esbuild to prefix and the units to systemd: the
+    same as copying them by hand. Prints every action."""
+    if os.geteuid() != 0:
+        print("faas install: needs root (it writes to /etc/systemd/system)", file=sys.stderr)
+        return 1
+    prefix.mkdir(parents=True, exist_ok=True)
+    for name in INSTALL_FILES:
+        if (HERE / name).is_file():
+            shutil.copy2(HERE / name, prefix / name)
+            print(f"copied {HERE / name} -> {prefix / name}")
+    shutil.copytree(HERE / "wrappers", prefix / "wrappers", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    print(f"copied {HERE / 'wrappers'} -> {prefix / 'wrappers'}")
+    esbuild = HERE / "node_modules/@esbuild"
+    if esbuild.is_dir():
+        shutil.copytree(esbuild, prefix / "node_modules/@esbuild", dirs_exist_ok=True, symlinks=True)
+        print(f"copied {esbuild} -> {prefix / 'node_modules/@esbuild'}")
+    elif shutil.which("npm"):
+        print(f"installing esbuild: npm ci --ignore-scripts in {prefix}", flush=True)
+        subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=prefix, check=False)
+    else:
+        print("TypeScript needs esbuild: apt-get install -y npm, then run this again")
+    for name in UNIT_FILES:
+        text = (HERE / name).read_text().replace("/opt/faas", str(prefix))
+        (SYSTEMD_DIR / name).write_text(text)
+        print(f"wrote {SYSTEMD_DIR / name}")
+    if not ENV_FILE.exists():
+        ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
+        ENV_FILE.write_text(ENV_TEMPLATE)
+        ENV_FILE.chmod(0o600)
+        print(f"wrote {ENV_FILE} (settings; mode 600 because it may hold tokens)")
+    if systemd_running():
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        print("ran systemctl daemon-reload")
+    print("next: systemctl enable --now faas   (then: curl -s localhost:8080/healthz)")
+    return 0
+
+
+def uninstall(prefix: Path, purge: bool) -> int:
+    if os.geteuid() != 0:
+        print("faas uninstall: needs root", file=sys.stderr)
+        return 1
+    if systemd_running():
+        subprocess.run(["systemctl", "disable", "--now", "faas.service"], check=False)
+        print("ran systemctl disable --now faas.service")
+    for name in UNIT_FILES:
+        (SYSTEMD_DIR / name).unlink(missing_ok=True)
+        print(f"removed {SYSTEMD_DIR / name}")
+    if systemd_running():
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+    shutil.rmtree(prefix, ignore_errors=True)
+    print(f"removed {prefix}")
+    if purge:
+        for path in (Path("/var/lib/faas"), ENV_FILE.parent):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}")
+    else:
+        print("kept the stored functions in /var/lib/faas and settings in /etc/faas (--purge removes them)")
+    return 0
+
+
+def load_config(overrides: dict[str, str]) -> Config:
+    """The environment, over a .env file in the working directory (as go-faas reads it),
+    under the command line's flags."""
+    env = {**read_dotenv(Path.cwd() / ".env"), **os.environ, **overrides}
     return Config.from_env(env)
 
 
+def parse_args(argv: list[str]) -> Any:
+    import argparse
+    parser = argparse.ArgumentParser(prog="faas.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="run the server (the default)")
+    serve.add_argument("--host", help="bind address (FAAS_HOST)")
+    serve.add_argument("--port", help="port (HTTP_PORT)")
+    serve.add_argument("--data-dir", help="SQLite store directory (FAAS_DATA_DIR)")
+    check = commands.add_parser("check", help="list dependencies, with the command that fixes each")
+    check.add_argument("--install", action="store_true", help="install missing packages (root, apt-get, npm)")
+    for name, text in (("install", "copy to PREFIX and install faas.service/faas.slice"),
+                       ("uninstall", "remove what install put in place")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--prefix", type=Path, default=Path("/opt/faas"))
+        if name == "uninstall":
+            command.add_argument("--purge", action="store_true", help="also delete stored functions and settings")
+    args = parser.parse_args(argv)
+    args.command = args.command or "serve"
+    return args
+
+
 def main(argv: list[str]) -> int:
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("FAAS_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(message)s")
-    command = argv[0] if argv else "serve"
-    if command in ("-h", "--help", "help"):
-        print(__doc__.strip() + "\n\nusage: faas.py [serve | check [--install]]")
-        return 0
+                        format="%(levelname)s %(message)s" if under_journald else
+                        "%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.command == "install":
+        return install(args.prefix.resolve())
+    if args.command == "uninstall":
+        return uninstall(args.prefix.resolve(), args.purge)
+    flags = {"FAAS_HOST": getattr(args, "host", None), "HTTP_PORT": getattr(args, "port", None),
+             "FAAS_DATA_DIR": getattr(args, "data_dir", None)}
     try:
-        config = load_config()
+        config = load_config({name: value for name, value in flags.items() if value is not None})
     except ConfigError as error:
         print(f"faas: configuration error: {error}", file=sys.stderr)
         return 2
-    if command == "check":
-        return run_check(config, "--install" in argv[1:])
-    if command == "serve":
-        if not shutil.which("bwrap"):
-            print("faas: bwrap (bubblewrap) is not installed; every call runs in a bwrap sandbox, so "
-                  "the server cannot start. Fix: apt-get install -y bubblewrap "
-                  "(or run `python3 faas.py check --install`)", file=sys.stderr)
-            return 1
-        try:
-            app = App(config)
-        except Exception as error:
-            print(f"faas: cannot start: {error}", file=sys.stderr)
-            return 1
-        app.serve()
-        return 0
-    print(f"faas: unknown command {command!r}; usage: faas.py [serve | check [--install]]", file=sys.stderr)
-    return 2
+    if args.command == "check":
+        return run_check(config, args.install)
+    if not shutil.which("bwrap"):
+        print("faas: bwrap (bubblewrap) is not installed; every call runs in a bwrap sandbox, so "
+              "the server cannot start. Fix: apt-get install -y bubblewrap "
+              "(or run `python3 faas.py check --install`)", file=sys.stderr)
+        return 1
+    try:
+        app = App(config)
+    except Exception as error:   # store unreachable, cgroups unusable, port taken...
+        print(f"faas: cannot start: {error}", file=sys.stderr)
+        return 1
+    app.serve()
+    return 0
 
 
 if __name__ == "__main__":

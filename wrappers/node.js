@@ -1,0 +1,209 @@
+'use strict';
+/**
+ * Run one faas JavaScript/TypeScript function: the wrapper program started in the sandbox.
+ *
+ *     /usr/bin/node --enable-source-maps node.js [--check] [RESULT_FD]
+ *
+ * Protocol (see DESIGN.md, "Wrapper protocol"):
+ * - stdin carries one JSON request {"code", "event", "language"}; it is read to EOF only
+ *   after every require, so a pool can pre-start this process.
+ * - javascript: `code` is a function body; it becomes
+ *   `async function __main(event, input) {` + code + `\n}` with the header on the user's
+ *   first line, so line numbers match and top-level `return`/`await` work.
+ * - typescript: `code` is esbuild's output for that same wrapping (done by the server at
+ *   upload), a plain `async function __main` declaration with an inline source map.
+ * - Exactly one JSON document goes to RESULT_FD (default 3), never to stdout:
+ *   {"ok": true, "value": v} ("value" absent for undefined) or
+ *   {"ok": false, "error": {"type", "message", "stack", "line"}}; then the process exits
+ *   at once, without waiting for timers the function left behind.
+ * - --check only compiles the wrapped source and writes {"ok": true} or the error.
+ *
+ * Why a CommonJS module and not vm.Script: Node 20 applies --enable-source-maps to
+ * modules but not to vm scripts (measured: TS stacks stayed on the JS lines), and a
+ * module also gives the code its own `require`, `module`, `__filename` and `__dirname`.
+ * The module is compiled from memory (Module#_compile), nothing is written to disk.
+ */
+const fs = require('fs');
+const path = require('path');
+const util = require('util');
+const vm = require('vm');
+const Module = require('module');
+
+const NAME = 'function.js';
+// The path must be absolute: Node resolves the source map (and so the .ts name) from it.
+const FILE = path.join(process.cwd(), NAME);
+const PREFIX = FILE.slice(0, -NAME.length); // stripped from stacks: "function.js:3:7"
+const CJS_PARAMS = ['exports', 'require', 'module', '__filename', '__dirname'];
+
+// Headers put in front of the user's first line: by wrap() for JavaScript, by the server
+// (before esbuild) for TypeScript. Columns on line 1 are shifted back by their length.
+const HEADERS = {
+  js: 'module.exports = async function __main(event, input) {',
+  ts: 'async function __main(event: any, input: any) {',
+};
+
+/** The module source that exports the user's function. */
+function wrap(req) {
+  if (req.language === 'typescript') {
+    // After the sourceMappingURL comment is fine: Node takes the last such comment.
+    return req.code + '\nmodule.exports = __main;\n';
+  }
+  return HEADERS.js + req.code + '\n};\n';
+}
+
+/** Make a stack read as if the user's code were a file of its own: no directory in our
+ * file names, no header in line 1 positions, and no wrapper frames (nor the Node
+ * internals that called into the user's code). */
+function cleanStack(stack) {
+  const lines = stack.split(PREFIX + 'function.').join('function.').split('\n')
+    .map((l) => l.replace(/([\s(]|^)function\.([jt]s):1:(\d+)/,
+      (m, pre, ext, col) => `${pre}function.${ext}:1:${Math.max(1, col - HEADERS[ext].length)}`));
+  // A syntax error starts "function.js:1", the source line, then a caret line.
+  if (lines[0] === 'function.js:1' && lines.length > 2 && lines[1].startsWith(HEADERS.js)) {
+    lines[1] = lines[1].slice(HEADERS.js.length);
+    lines[2] = lines[2].slice(HEADERS.js.length);
+  }
+  let end = lines.findIndex((l) => l.includes(__filename));
+  if (end < 0) end = lines.length;
+  while (end > 0 && /^\s+at .*node:/.test(lines[end - 1])) end--;
+  return lines.slice(0, end).join('\n');
+}
+
+/** The user's line number in a cleaned stack: a frame "function.js:3:7" (or
+ * "function.ts:…" after source mapping), or a syntax error's "function.js:3" header. */
+function userLine(stack) {
+  const m = /(?:^|[\s(])function\.[jt]s:(\d+)/m.exec(stack);
+  return m ? Number(m[1]) : null;
+}
+
+function errorResult(err) {
+  let type = 'Error';
+  let message;
+  let stack = '';
+  try {
+    if (util.types.isNativeError(err) || err instanceof Error) {
+      type = String(err.name || 'Error');
+      message = String(err.message);
+      stack = cleanStack(String(err.stack));
+    } else {
+      // `throw "text"` or `Promise.reject({...})`: no stack to show.
+      message = typeof err === 'string' ? err : util.inspect(err, { depth: 2, breakLength: Infinity });
+    }
+  } catch (e) { // a hostile getter or Proxy must not lose the answer
+    message = 'unprintable thrown value';
+  }
+  const line = userLine(stack);
+  const lastLine = req.code.split('\n').length;
+  if (type === 'SyntaxError' && req.language !== 'typescript' && line > lastLine) {
+    // Unfinished code (`return 1 +`, an open brace) fails on our closing `}`: report it
+    // at the end of the user's code instead.
+    message = 'Unexpected end of input';
+    return { ok: false, error: { type, message, stack: `function.js:${lastLine}\n\nSyntaxError: ${message}`, line: lastLine } };
+  }
+  return { ok: false, error: { type, message, stack, line } };
+}
+
+/** Always-valid JSON for a result document. BigInt becomes a string, NaN/Infinity null
+ * (JSON.stringify's rule), a function or symbol its String(); a cycle is an error. */
+function dump(result) {
+  try {
+    if (!result.ok || result.value === undefined) return JSON.stringify(result);
+    const replacer = (key, v) => (typeof v === 'bigint' ? v.toString() : v);
+    let json = JSON.stringify(result.value, replacer);
+    if (json === undefined) json = JSON.stringify(String(result.value));
+    return '{"ok":true,"value":' + json + '}';
+  } catch (e) {
+    return JSON.stringify(errorResult(new TypeError('return value is not JSON-serialisable: ' + e.message)));
+  }
+}
+
+function writeAll(fd, text) {
+  const buf = Buffer.from(text);
+  for (let off = 0; off < buf.length;) {
+    try {
+      off += fs.writeSync(fd, buf, off);
+    } catch (e) {
+      if (e.code !== 'EAGAIN') throw e;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- main
+const args = process.argv.slice(2);
+const checkOnly = args.includes('--check');
+const fdArg = args.find((a) => a !== '--check');
+const resultFd = fdArg === undefined ? 3 : Number(fdArg);
+
+// process.stdout/stderr are created on first use, which loads the stream machinery
+// (~2 ms): do it now, before the request arrives, not in the function's time.
+const outputs = [process.stdout, process.stderr];
+const req = JSON.parse(fs.readFileSync(0, 'utf8')); // blocks until the server sends it
+const source = wrap(req);
+
+if (checkOnly) {
+  let result = { ok: true };
+  try {
+    vm.compileFunction(source, CJS_PARAMS, { filename: FILE }); // as Module#_compile does
+  } catch (e) {
+    result = errorResult(e);
+  }
+  writeAll(resultFd, dump(result));
+  fs.closeSync(resultFd);
+  process.exit(0);
+}
+
+let pending = null; // the result, once the function has settled (or failed)
+let written = false;
+
+/** Answer once: the first settlement wins, later errors from leftover work are ignored. */
+function settle(result) {
+  if (pending) return;
+  pending = result;
+  // Let stdout/stderr hand everything already printed to the OS before the result
+  // is written (pipes are synchronous on Linux, so this is normally immediate).
+  Promise.all(outputs.map(drain)).then(() => process.exit(0));
+}
+
+function drain(stream) {
+  return new Promise((resolve) => {
+    if (!stream.writableLength) resolve();
+    else stream.write('', () => resolve());
+  });
+}
+
+// Every way out passes here, including a process.exit() in the user's code.
+// process.exit() / process.exit(0) means "done, nothing returned" (the answer then comes
+// from what was printed); another code is an error. Once a result is written the
+// process exits 0; "no result" then always means a crash (signal, OOM, abort).
+process.on('exit', (code) => {
+  if (written) return;
+  written = true;
+  if (!pending) {
+    pending = code === 0 ? { ok: true }
+      : errorResult(Object.assign(new Error('process.exit(' + code + ') called'), { name: 'ProcessExit', stack: '' }));
+  }
+  try {
+    writeAll(resultFd, dump(pending));
+    fs.closeSync(resultFd);
+  } catch (e) { /* the server has gone: nothing left to tell */ }
+  process.exitCode = 0;
+});
+process.on('uncaughtException', (err) => settle(errorResult(err)));
+process.on('unhandledRejection', (reason) => settle(errorResult(reason)));
+// The event loop ran dry while the function's promise was still pending.
+process.on('beforeExit', () => settle(errorResult(
+  Object.assign(new Error('the function never returned: its promise was never settled'), { stack: '' }))));
+
+process.argv = [process.argv[0], FILE];
+const event = req.event === undefined ? null : req.event;
+Promise.resolve()
+  .then(() => {
+    const mod = new Module(FILE, null);
+    mod.filename = FILE;
+    mod.paths = Module._nodeModulePaths(path.dirname(FILE));
+    mod._compile(source, FILE);
+    const main = mod.exports;
+    if (typeof main !== 'function') throw new TypeError('the code does not define function __main');
+    return main(event, event);
+  })
+  .then((value) => settle({ ok: true, value }), (err) => settle(errorResult(err)));
