@@ -76,13 +76,15 @@ def parse_size(name: str, text: str) -> int:
     return value
 
 
-def parse_number(name: str, text: str, kind: type = int, minimum: float = 0) -> Any:
+def parse_number(name: str, text: str, kind: type = int, minimum: float = 0,
+                 maximum: float = float("inf")) -> Any:
     try:
         value = kind(text)
     except ValueError:
         raise ConfigError(f"{name}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={text!r} must be at least {minimum}")
+    if not minimum <= value <= maximum:
+        bounds = f"at least {minimum:g}" if maximum == float("inf") else f"between {minimum:g} and {maximum:g}"
+        raise ConfigError(f"{name}={text!r} must be {bounds}")
     return value
 
 
@@ -160,7 +162,7 @@ class Config:
         cpus = os.cpu_count() or 1
         return cls(
             host=host,
-            port=parse_number("HTTP_PORT", get("HTTP_PORT", "8080"), int, 0),
+            port=parse_number("HTTP_PORT", get("HTTP_PORT", "8080"), int, 0, 65535),
             data_dir=Path(data_dir),
             redis_url=redis_url,
             redis_prefix=get("FAAS_REDIS_PREFIX", "faas:"),
@@ -1370,6 +1372,15 @@ def answer_from_print(stdout: str) -> tuple[Any, str]:
     return stdout.strip(), "text"
 
 
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """json.loads without the NaN/Infinity extensions, which other JSON parsers reject."""
+    return json.loads(text, parse_constant=reject_constant)
+
+
 def parse_input(body: dict[str, Any]) -> Any:
     """`input` is JSON text as in the seed, or any JSON value; missing or empty means {}."""
     raw = body.get("input")
@@ -1377,7 +1388,7 @@ def parse_input(body: dict[str, Any]) -> Any:
         return {}
     if isinstance(raw, str):
         try:
-            return json.loads(raw)
+            return strict_json(raw)
         except ValueError as error:
             raise ApiError(400, f"input is not valid JSON text: {error}") from None
     return raw
@@ -1778,7 +1789,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw)
+            body = strict_json(raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"request body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
