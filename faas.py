@@ -128,6 +128,8 @@ class Config:
     queue_timeout: float
     max_queue: int
     max_connections: int
+    pool_size: int
+    pool_idle: float
     token: str | None
     invoke_token: str | None
     insecure: bool
@@ -178,6 +180,8 @@ class Config:
             queue_timeout=parse_number("FAAS_QUEUE_TIMEOUT", get("FAAS_QUEUE_TIMEOUT", "2"), float, 0),
             max_queue=parse_number("FAAS_MAX_QUEUE", get("FAAS_MAX_QUEUE", str(8 * cpus)), int, 0),
             max_connections=parse_number("FAAS_MAX_CONNECTIONS", get("FAAS_MAX_CONNECTIONS", "256"), int, 1),
+            pool_size=parse_number("FAAS_POOL_SIZE", get("FAAS_POOL_SIZE", "2"), int, 0, 64),
+            pool_idle=parse_number("FAAS_POOL_IDLE", get("FAAS_POOL_IDLE", "300"), float, 1),
             token=token,
             invoke_token=invoke_token,
             insecure=insecure,
@@ -639,6 +643,7 @@ class RunCgroup(Protocol):
 
     def command_prefix(self) -> list[str]: ...
     def enter(self, pid: int) -> None: ...
+    def lower_memory(self, memory: int) -> bool: ...
     def oom_killed(self) -> bool: ...
     def usage(self) -> dict[str, int]: ...
     def kill(self) -> None: ...
@@ -717,6 +722,9 @@ class NoCgroup:
     def enter(self, pid: int) -> None:
         pass
 
+    def lower_memory(self, memory: int) -> bool:
+        return False   # RLIMIT_DATA is fixed once the process runs
+
     def oom_killed(self) -> bool:
         return False
 
@@ -775,6 +783,16 @@ class CgroupV1Run:
     def enter(self, pid: int) -> None:
         for directory in self.dirs.values():
             (directory / "cgroup.procs").write_text(str(pid))
+
+    def lower_memory(self, memory: int) -> bool:
+        """Memory first, then memory+swap: memsw may never be below memory."""
+        try:
+            (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory))
+            if (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
+                (self.dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(str(memory))
+        except OSError:
+            return False
+        return True
 
     def oom_killed(self) -> bool:
         return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0) > 0
@@ -848,6 +866,13 @@ class CgroupV2Run:
 
     def enter(self, pid: int) -> None:
         (self.dir / "cgroup.procs").write_text(str(pid))
+
+    def lower_memory(self, memory: int) -> bool:
+        try:
+            (self.dir / "memory.max").write_text(str(memory))
+        except OSError:
+            return False
+        return True
 
     def oom_killed(self) -> bool:
         return read_keyed(self.dir / "memory.events").get("oom_kill", 0) > 0
@@ -929,6 +954,9 @@ class SystemdScopeRun:
 
     def enter(self, pid: int) -> None:
         pass   # systemd-run does it; the cgroup path is known once the scope exists
+
+    def lower_memory(self, memory: int) -> bool:
+        return False
 
     def scope_dir(self) -> Path | None:
         if self.dir is None:
@@ -1101,6 +1129,7 @@ class Outcome:
     oom: bool = False
     duration_ms: int = 0
     spawn_ms: float = 0
+    pooled: bool = False
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -1148,6 +1177,17 @@ def first_json_document(data: bytes) -> dict[str, Any] | None:
 def passwd_files(uid: int, gid: int) -> dict[str, str]:
     return {"passwd": f"sandbox:x:{uid}:{gid}:sandbox:/tmp:/usr/sbin/nologin\n",
             "group": f"sandbox:x:{gid}:\n"}
+
+
+@dataclasses.dataclass
+class Started:
+    """A running sandbox that has not been given its request yet."""
+    proc: subprocess.Popen
+    cgroup: "RunCgroup"
+    result_r: int
+    limits: Limits
+    born: float
+    spawn_ms: float = 0
 
 
 class Sandbox:
@@ -1212,14 +1252,12 @@ class Sandbox:
         script = f'read -r _ && {rlimit_commands(limits, self.limits.name)} && exec "$@"'
         return ["/bin/sh", "-c", script, "faas-gate"]
 
-    def run(self, argv: list[str], stdin: bytes, limits: Limits, sink: LineSink | None = None,
-            result_fd: bool = True) -> Outcome:
-        """Run argv in a fresh sandbox: feed stdin, stream lines to sink, collect the result pipe."""
-        outcome = Outcome()
-        started = time.monotonic()
-        proc = None
-        result_r = -1
+    def start(self, argv: list[str], limits: Limits, result_fd: bool = True) -> "Started":
+        """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
+        the request on stdin. Nothing of the caller's runs until `complete` sends it."""
+        began = time.monotonic()
         cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
+        result_r = -1
         try:
             child_fds = [seccomp_fd(self.seccomp)]
             tail = []
@@ -1236,18 +1274,43 @@ class Sandbox:
             finally:
                 for fd in child_fds:
                     os.close(fd)
-            cgroup.enter(proc.pid)
-            outcome.spawn_ms = (time.monotonic() - started) * 1000
-            self.feed(proc, b"go\n" + stdin)
-            self.pump(proc, result_r, limits, sink, outcome, started)
-        finally:
+        except BaseException:
             if result_r >= 0:
                 os.close(result_r)
-            if proc is not None:
-                self.finish(proc, cgroup, outcome)
             cgroup.remove()
-            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+            raise
+        started = Started(proc, cgroup, result_r, limits, began)
+        try:
+            cgroup.enter(proc.pid)
+            self.feed(proc, b"go\n", close=False)   # the gate now becomes bwrap
+        except BaseException:
+            self.discard(started)
+            raise
+        started.spawn_ms = (time.monotonic() - began) * 1000
+        return started
+
+    def complete(self, started: "Started", stdin: bytes, limits: Limits, sink: LineSink | None,
+                 since: float | None = None) -> Outcome:
+        """Send the request to a started sandbox, pump its output, end it and clean up."""
+        outcome = Outcome(spawn_ms=started.spawn_ms)
+        began = time.monotonic() if since is None else since
+        try:
+            self.feed(started.proc, stdin)
+            self.pump(started.proc, started.result_r, limits, sink, outcome, began)
+        finally:
+            self.finish(started, outcome)
+            outcome.duration_ms = int((time.monotonic() - began) * 1000)
         return outcome
+
+    def run(self, argv: list[str], stdin: bytes, limits: Limits, sink: LineSink | None = None,
+            result_fd: bool = True) -> Outcome:
+        """A cold run: start a sandbox and complete it at once."""
+        began = time.monotonic()
+        return self.complete(self.start(argv, limits, result_fd), stdin, limits, sink, since=began)
+
+    def discard(self, started: "Started") -> None:
+        """End a sandbox that never got a request (pool recycling, failed start)."""
+        self.finish(started, Outcome())
 
     def privilege_drop(self, cgroup: RunCgroup) -> dict[str, Any]:
         """As root, start the sandbox as the unprivileged sandbox uid: root inside a user
@@ -1257,13 +1320,16 @@ class Sandbox:
         return {"user": self.config.sandbox_uid, "group": self.config.sandbox_gid, "extra_groups": []}
 
     @staticmethod
-    def feed(proc: subprocess.Popen, data: bytes) -> None:
+    def feed(proc: subprocess.Popen, data: bytes, close: bool = True) -> None:
         """The wrapper reads its whole request before running any user code, so a blocking
         write cannot deadlock against output."""
         assert proc.stdin is not None
         try:
             proc.stdin.write(data)
-            proc.stdin.close()
+            if close:
+                proc.stdin.close()
+            else:
+                proc.stdin.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass   # the process died early; its exit status tells why
 
@@ -1315,9 +1381,13 @@ class Sandbox:
                     break
         outcome.result = first_json_document(bytes(result))
 
-    def finish(self, proc: subprocess.Popen, cgroup: RunCgroup, outcome: Outcome) -> None:
+    def finish(self, started: "Started", outcome: Outcome) -> None:
         """End the run: kill whatever is left (the whole pid namespace dies with bwrap), reap,
-        read the counters. Safe on a process that has already exited."""
+        read the counters, remove the cgroup. Safe on a process that has already exited."""
+        proc, cgroup = started.proc, started.cgroup
+        if started.result_r >= 0:
+            os.close(started.result_r)
+            started.result_r = -1
         cgroup.kill()
         if proc.poll() is None:
             proc.kill()
@@ -1327,8 +1397,11 @@ class Sandbox:
             LOG.error("sandbox pid %s did not die after SIGKILL", proc.pid)
             code = None
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass   # a request the dead process never read
         if code is not None and code < 0:
             outcome.signal = -code
         elif code is not None and code > 128:
@@ -1337,6 +1410,118 @@ class Sandbox:
             outcome.exit_code = code
         outcome.oom = cgroup.oom_killed()
         outcome.usage = cgroup.usage()
+        cgroup.remove()
+
+
+def memory_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (a large number when unknown)."""
+    for line in read_text(Path("/proc/meminfo")).splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+class Pool:
+    """Sandboxes started ahead of calls, per interpreter argv: each already in its own cgroup
+    with the default limits, its wrapper loaded and blocked on stdin. A call takes one (never
+    waits for one), uses it once, and a background thread starts a replacement. Security is
+    that of a cold sandbox: same flags, same limits, nothing shared between calls."""
+
+    def __init__(self, sandbox: Sandbox, argvs: list[tuple[str, ...]], size: int, limits: Limits,
+                 idle_seconds: float) -> None:
+        self.sandbox = sandbox
+        self.size = size
+        self.limits = limits
+        self.idle_seconds = idle_seconds
+        self.idle: dict[tuple[str, ...], list[Started]] = {argv: [] for argv in argvs}
+        self.stats = {argv: {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0} for argv in argvs}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.fill_loop, name="pool", daemon=True)
+        if size > 0:
+            self.thread.start()
+
+    def take(self, argv: tuple[str, ...], limits: Limits) -> Started | None:
+        """A started sandbox for this call, its memory limit lowered if the call asks; None
+        when the pool has none (the caller starts one cold)."""
+        if self.size == 0 or argv not in self.idle:
+            return None
+        while True:
+            with self.lock:
+                started = self.idle[argv].pop(0) if self.idle[argv] else None
+                self.stats[argv]["hits" if started else "misses"] += 1
+            self.wake.set()
+            if started is None:
+                return None
+            if started.proc.poll() is None and (limits.memory == started.limits.memory
+                                                or started.cgroup.lower_memory(limits.memory)):
+                return started
+            self.sandbox.discard(started)
+
+    def fill_loop(self) -> None:
+        while not self.closing.is_set():
+            self.recycle_stale()
+            argv = self.next_to_fill()
+            if argv is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                started = self.sandbox.start(list(argv), self.limits)
+            except Exception:   # a failed spawn must not kill the pool; calls fall back to cold
+                LOG.exception("pool: could not start a sandbox")
+                self.closing.wait(1.0)
+                continue
+            with self.lock:
+                self.idle[argv].append(started)
+                self.stats[argv]["started"] += 1
+                self.stats[argv]["spawn_ms_total"] += started.spawn_ms
+
+    def next_to_fill(self) -> tuple[str, ...] | None:
+        """The emptiest pool below its size, unless memory is short: then shrink instead."""
+        if memory_available() < 2 * self.limits.memory + (256 << 20):
+            self.shrink()
+            return None
+        with self.lock:
+            argv, idle = min(self.idle.items(), key=lambda item: len(item[1]))
+            return argv if len(idle) < self.size else None
+
+    def shrink(self) -> None:
+        with self.lock:
+            victims = [idle.pop() for idle in self.idle.values() if idle]
+        for started in victims:
+            self.sandbox.discard(started)
+
+    def recycle_stale(self) -> None:
+        """Idle sandboxes older than idle_seconds are replaced by fresh ones."""
+        cutoff = time.monotonic() - self.idle_seconds
+        with self.lock:
+            stale = [s for idle in self.idle.values() for s in idle if s.born < cutoff]
+            for idle in self.idle.values():
+                idle[:] = [s for s in idle if s.born >= cutoff]
+        for started in stale:
+            self.sandbox.discard(started)
+
+    def describe(self) -> dict[str, Any]:
+        with self.lock:
+            return {Path(argv[-1]).stem: {
+                "size": self.size, "idle": len(self.idle[argv]), "hits": stats["hits"],
+                "misses": stats["misses"], "started": stats["started"],
+                "spawn_ms_avg": round(stats["spawn_ms_total"] / stats["started"], 2) if stats["started"] else None}
+                for argv, stats in self.stats.items()}
+
+    def close(self) -> None:
+        self.closing.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        with self.lock:
+            everything = [s for idle in self.idle.values() for s in idle]
+            for idle in self.idle.values():
+                idle.clear()
+        for started in everything:
+            self.sandbox.discard(started)
 
 
 # ==========================================================================================
@@ -1491,10 +1676,11 @@ class RunSlots:
 class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
-    def __init__(self, config: Config, store: Store, sandbox: Sandbox, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics) -> None:
         self.config = config
         self.store = store
         self.sandbox = sandbox
+        self.pool = pool
         self.metrics = metrics
         self.limits = Limits.from_config(config)
         self.slots = RunSlots(config.max_runs, config.max_queue, config.queue_timeout)
@@ -1556,12 +1742,23 @@ class Invoker:
         with self.slots:
             if on_start is not None:
                 on_start()
-            outcome = self.sandbox.run(list(runtime.argv), request, limits, sink)
+            outcome = self.run_sandboxed(runtime.argv, request, limits, sink)
         status, answer = build_answer(outcome, limits)
         self.metrics.inc("faas_calls_total", function=function, language=runtime.language, status=outcome.status)
         self.metrics.observe("faas_call_duration_seconds", outcome.duration_ms / 1000, language=runtime.language)
         self.metrics.observe("faas_sandbox_spawn_seconds", outcome.spawn_ms / 1000)
         return status, answer
+
+
+    def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
+                      sink: LineSink | None) -> Outcome:
+        """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
+        started = self.pool.take(argv, limits)
+        if started is None:
+            return self.sandbox.run(list(argv), request, limits, sink)
+        outcome = self.sandbox.complete(started, request, limits, sink)
+        outcome.pooled = True
+        return outcome
 
 
 def first_line_number(message: str) -> int | None:
@@ -2003,6 +2200,14 @@ class Server(http.server.ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished is routine; anything else is logged, never printed raw."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            LOG.debug("connection from %s ended: %s", client_address, error)
+        else:
+            LOG.exception("connection from %s failed", client_address)
+
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
@@ -2046,7 +2251,10 @@ class App:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-", dir=runtime_base))
         self.limit_backend = choose_limit_backend(config)
         self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir)
-        self.invoker = Invoker(config, self.store, self.sandbox, self.metrics)
+        argvs = list(dict.fromkeys(runtime.argv for runtime in RUNTIMES.values()
+                                   if os.access(runtime.interpreter, os.X_OK)))
+        self.pool = Pool(self.sandbox, argvs, config.pool_size, Limits.from_config(config), config.pool_idle)
+        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.started = time.time()
@@ -2069,7 +2277,8 @@ class App:
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
                          for name, rt in RUNTIMES.items()},
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
-            "max_runs": self.config.max_runs, "uptime_s": round(time.time() - self.started, 1),
+            "max_runs": self.config.max_runs, "pool": self.pool.describe(),
+            "uptime_s": round(time.time() - self.started, 1),
         }
 
     def render_metrics(self) -> str:
@@ -2129,6 +2338,7 @@ class App:
             notify_systemd("WATCHDOG=1")
 
     def close(self) -> None:
+        self.pool.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
