@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import http
 import http.server
 import ipaddress
 import json
@@ -1854,7 +1855,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to small handler methods; every error leaves as JSON."""
     protocol_version = "HTTP/1.1"
     server_version = "faas"
-    sys_version = ""
     timeout = 10           # seconds a socket may stay silent (half-sent requests, idle keep-alive)
     app: "App"             # set on a subclass by App.serve
 
@@ -1890,6 +1890,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self.dispatch("HEAD")
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def do_OPTIONS(self) -> None:
+        self.dispatch("OPTIONS")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, unknown method, headers too
+        large) as JSON like every other error, on a connection that then closes."""
+        self.close_connection = True
+        self.request_id = getattr(self, "request_id", None) or request_id(None)
+        self.send_json(code, {"error": message or http.HTTPStatus(code).phrase})
 
     def dispatch(self, method: str) -> None:
         self.server.request_started(True)
