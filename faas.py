@@ -1357,8 +1357,6 @@ class Sandbox:
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         selector.unregister(fd)
-                        if fd in splitters:
-                            splitters[fd][2].close()
                         continue
                     if fd == result_r:
                         if len(result) + len(chunk) > limits.output:
@@ -1375,11 +1373,11 @@ class Sandbox:
                     splitter.feed(chunk)
                     if outcome.truncated:
                         outcome.status = "output_limit"
-                        for _, _, other in splitters.values():
-                            other.close()
                         break
                 if outcome.status != "ok":
                     break
+        for _, _, splitter in splitters.values():
+            splitter.close()   # a last line without a newline, also after a timeout
         outcome.result = first_json_document(bytes(result))
 
     def finish(self, started: "Started", outcome: Outcome) -> None:
