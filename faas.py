@@ -12,6 +12,7 @@ Standard library only; redis-py is imported only when a Redis store is configure
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import hashlib
@@ -262,6 +263,7 @@ class Store(Protocol):
     def put(self, path: str, language: str, code: str, compiled: str | None,
             limits: dict[str, Any] | None) -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
+    def find(self, path: str, version: int | None = None) -> int | None: ...
     def describe(self, path: str) -> dict[str, Any] | None: ...
     def list_functions(self) -> list[dict[str, Any]]: ...
     def list_versions(self, path: str) -> list[dict[str, Any]]: ...
@@ -326,6 +328,15 @@ class SQLiteStore:
     def version_from_row(row: tuple) -> Version:
         *fields, limits = row
         return Version(*fields, json.loads(limits) if limits else None)
+
+    def find(self, path: str, version: int | None = None) -> int | None:
+        """The latest version's number, or `version` if it exists: a cheap look-up."""
+        db = self.connect()
+        if version is None:
+            row = db.execute("SELECT latest FROM functions WHERE path=?", (path,)).fetchone()
+        else:
+            row = db.execute("SELECT version FROM versions WHERE path=? AND version=?", (path, version)).fetchone()
+        return row[0] if row else None
 
     def get(self, path: str, version: int | None = None) -> Version | None:
         db = self.connect()
@@ -459,6 +470,13 @@ class RedisStore:
             int(now), language, code, compiled or "", int(compiled is not None), repr(now), path,
             json.dumps(limits) if limits else ""]))
         return Version(path, version, language, code, compiled, now, limits)
+
+    def find(self, path: str, version: int | None = None) -> int | None:
+        _, base, _, versions = self.keys(path)
+        if version is None:
+            latest = self.redis.hget(base, "latest")
+            return int(latest) if latest is not None else None
+        return version if self.redis.zscore(versions, version) is not None else None
 
     def get(self, path: str, version: int | None = None) -> Version | None:
         _, base, version_prefix, _ = self.keys(path)
@@ -1672,6 +1690,34 @@ class RunSlots:
         self.semaphore.release()
 
 
+class SizedCache:
+    """Least-recently-used entries up to a total size in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            self.entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes and self.entries:
+                _, (_, dropped) = self.entries.popitem(last=False)
+                self.bytes -= dropped
+
+
 class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
@@ -1681,6 +1727,7 @@ class Invoker:
         self.sandbox = sandbox
         self.pool = pool
         self.metrics = metrics
+        self.versions = SizedCache(32 << 20)
         self.limits = Limits.from_config(config)
         self.slots = RunSlots(config.max_runs, config.max_queue, config.queue_timeout)
 
@@ -1726,7 +1773,15 @@ class Invoker:
 
     # -- calls ------------------------------------------------------------------------------
     def resolve(self, path: str, version: int | None) -> Version:
-        found = self.store.get(path, version)
+        """The version to run. Which version is latest, and whether a version still exists,
+        is always asked of the store (servers sharing a Redis agree); its content, which
+        never changes, comes from memory once read."""
+        number = self.store.find(path, version)
+        found = self.versions.get((path, number)) if number is not None else None
+        if found is None and number is not None:
+            found = self.store.get(path, number)
+            if found is not None:
+                self.versions.put((path, number), found, len(found.code) + len(found.compiled or ""))
         if found is None:
             if version is None:
                 raise ApiError(404, f"no function at path '{path}'")
