@@ -1049,13 +1049,17 @@ def make_limit_backend(name: str, config: Config) -> LimitBackend:
 LIMIT_BACKENDS = ("auto", "cgroup-v2", "cgroup-v1", "systemd-run", "rlimit")
 
 
+def limit_backend_candidates(config: Config) -> list[tuple[str, str | None]]:
+    """Each backend FAAS_LIMITS allows, best first, with why it cannot work here (or None)."""
+    names = LIMIT_BACKENDS[1:] if config.limits == "auto" else (config.limits,)
+    return [(name, limit_backend_unavailable(name)) for name in names]
+
+
 def choose_limit_backend(config: Config) -> LimitBackend:
     """The configured backend, or with FAAS_LIMITS=auto the first that works here:
     cgroups written directly (v2, then v1), then systemd-run scopes, then rlimits only."""
-    names = LIMIT_BACKENDS[1:] if config.limits == "auto" else (config.limits,)
     reasons = []
-    for name in names:
-        reason = limit_backend_unavailable(name)
+    for name, reason in limit_backend_candidates(config):
         if reason is None:
             try:
                 return make_limit_backend(name, config)
@@ -1071,19 +1075,13 @@ def choose_limit_backend(config: Config) -> LimitBackend:
 
 def describe_limits(config: Config) -> str:
     """What `choose_limit_backend` would pick, for `faas.py check`."""
-    names = LIMIT_BACKENDS[1:] if config.limits == "auto" else (config.limits,)
-    reasons = []
-    for name in names:
-        reason = limit_backend_unavailable(name)
+    passed_over = []
+    for name, reason in limit_backend_candidates(config):
         if reason is None:
-            return f"{name}" + (f" (passed over: {'; '.join(reasons)})" if reasons else "")
-        reasons.append(f"{name}: {reason}")
-    return "none usable: " + "; ".join(reasons)
+            return name + (f" (passed over: {'; '.join(passed_over)})" if passed_over else "")
+        passed_over.append(f"{name}: {reason}")
+    return f"none usable: {'; '.join(passed_over)}"
 
-
-# ==========================================================================================
-# 5. Sandbox
-# ==========================================================================================
 
 # -- seccomp deny-list -------------------------------------------------------------------
 # A classic-BPF program for `bwrap --seccomp FD`: foreign-architecture and x32 system calls
