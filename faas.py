@@ -1062,15 +1062,17 @@ def choose_limit_backend(config: Config) -> LimitBackend:
     for name, reason in limit_backend_candidates(config):
         if reason is None:
             try:
-                return make_limit_backend(name, config)
+                backend = make_limit_backend(name, config)
+                break
             except OSError as error:
                 reason = str(error)
         reasons.append(f"{name}: {reason}")
-    if config.limits != "auto":
+    else:
         raise ConfigError(f"FAAS_LIMITS={config.limits} cannot be used here: {'; '.join(reasons)}")
-    LOG.warning("limits: NO per-run cgroups, so memory, CPU and process counts are only capped per "
-                "process by rlimits (%s)", "; ".join(reasons))
-    return RlimitBackend()
+    if backend.name == "rlimit":
+        LOG.warning("limits: NO per-run cgroups, so memory, CPU and process counts are only capped "
+                    "per process by rlimits%s", f" ({'; '.join(reasons)})" if reasons else "")
+    return backend
 
 
 def describe_limits(config: Config) -> str:
