@@ -1198,6 +1198,11 @@ def passwd_files(uid: int, gid: int) -> dict[str, str]:
             "group": f"sandbox:x:{gid}:\n"}
 
 
+# The environment of the gate and of bwrap, which is pid 1 inside the sandbox: its
+# /proc/1/environ is readable there, so it must hold nothing of the server's (tokens, REDIS_URL).
+SANDBOX_HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
 @dataclasses.dataclass
 class Started:
     """A running sandbox that has not been given its request yet."""
@@ -1289,7 +1294,7 @@ class Sandbox:
             try:
                 proc = subprocess.Popen(
                     command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    pass_fds=child_fds, **self.privilege_drop(cgroup))
+                    pass_fds=child_fds, env=SANDBOX_HOST_ENV, cwd="/", **self.privilege_drop(cgroup))
             finally:
                 for fd in child_fds:
                     os.close(fd)
@@ -1825,6 +1830,12 @@ def first_line_number(message: str) -> int | None:
 # 7. HTTP
 # ==========================================================================================
 
+def json_bytes(document: Any) -> bytes:
+    """UTF-8 JSON. A lone surrogate (user code can return one) cannot be UTF-8: it goes out
+    as its \\uXXXX escape, which is what JSON has for it."""
+    return json.dumps(document, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def request_id(given: str | None) -> str:
     """The caller's X-Request-Id when it is a sane token, else a new one."""
     if given and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
@@ -2073,8 +2084,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             version = int(values[-1])
         except ValueError:
             raise ApiError(400, f"version must be an integer, not {values[-1]!r}") from None
-        if version <= 0:
-            raise ApiError(400, "version must be a positive integer")
+        if not 0 < version < 2**63:
+            raise ApiError(400, "version must be a positive 64-bit integer")
         return version
 
     # -- writing ----------------------------------------------------------------------------
@@ -2083,7 +2094,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(error.status, {"error": error.message, **extra}, error.extra.get("headers"))
 
     def send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self.send_body(status, json.dumps(body, ensure_ascii=False).encode(), "application/json", headers)
+        self.send_body(status, json_bytes(body), "application/json", headers)
 
     def send_body(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -2112,7 +2123,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.status_sent = 200
 
     def send_event(self, event: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.write(b"data: " + json_bytes(event) + b"\n\n")
         self.wfile.flush()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -2235,9 +2246,9 @@ class Server(http.server.ThreadingHTTPServer):
     a 503 at once, so idle or half-open connections cannot use up the server."""
     daemon_threads = True
     request_queue_size = 128
-    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 50\r\n\r\n"
-            b'{"error": "too many open connections; retry"}    ')
+    BUSY_BODY = b'{"error": "too many open connections; retry shortly"}'
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
     def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
         super().__init__(address, handler)
@@ -2362,7 +2373,12 @@ class App:
 
     def serve(self) -> None:
         handler = type("BoundHandler", (Handler,), {"app": self})
-        self.server = server = Server((self.config.host, self.config.port), handler, self.config.max_connections)
+        try:
+            self.server = server = Server((self.config.host, self.config.port), handler, self.config.max_connections)
+        except OSError as error:
+            self.close()
+            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port} "
+                              f"(FAAS_HOST/HTTP_PORT): {error.strerror}") from None
         signal.signal(signal.SIGTERM, self.on_stop_signal)
         signal.signal(signal.SIGINT, self.on_stop_signal)
         LOG.info("listening on http://%s:%d store=%s limits=%s", self.config.host,
@@ -2641,7 +2657,11 @@ def main(argv: list[str]) -> int:
     except Exception as error:   # store unreachable, cgroups unusable, port taken...
         print(f"faas: cannot start: {error}", file=sys.stderr)
         return 1
-    app.serve()
+    try:
+        app.serve()
+    except ConfigError as error:
+        print(f"faas: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

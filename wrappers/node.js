@@ -137,6 +137,9 @@ const resultFd = fdArg === undefined ? 3 : Number(fdArg);
 // process.stdout/stderr are created on first use, which loads the stream machinery
 // (~2 ms): do it now, before the request arrives, not in the function's time.
 const outputs = [process.stdout, process.stderr];
+// Blocking writes: a function that prints in a tight loop then waits for the server to
+// read (which enforces the output limit) instead of queueing output in its own memory.
+for (const stream of outputs) if (stream._handle && stream._handle.setBlocking) stream._handle.setBlocking(true);
 const req = JSON.parse(fs.readFileSync(0, 'utf8')); // blocks until the server sends it
 const source = wrap(req);
 
