@@ -2391,6 +2391,7 @@ class App:
             threading.Thread(target=self.watchdog, args=(interval,), daemon=True).start()
         try:
             server.serve_forever(poll_interval=0.5)
+            server.server_close()   # refuse new connections at once, then let calls finish
             self.drain()
         finally:
             server.server_close()

@@ -1045,3 +1045,25 @@ def test_two_servers_share_one_store(faas, uid):
     finally:
         a.stop()
         b.stop()
+
+
+def test_sigterm_lets_running_calls_finish(faas):
+    """SIGTERM: the server stops accepting at once, a call already running still gets its
+    answer, and the server then exits 0 with nothing of its sandboxes left."""
+    s = faas.start(env={"TIMEOUT_SCRIPT": "10"})
+    answers = []
+    call = threading.Thread(target=lambda: answers.append(
+        s.run_now("python", "import time\ntime.sleep(2)\nreturn 'finished'")))
+    call.start()
+    deadline = time.monotonic() + 10
+    while s.get("/healthz").body["runs_active"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s.proc.send_signal(subprocess.signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(ConnectionRefusedError):
+        s.get("/healthz", timeout=2)   # no longer accepting
+    call.join(15)
+    assert s.proc.wait(15) == 0
+    assert len(answers) == 1
+    answer(answers[0], "finished", "string")
+    assert "Traceback" not in s.stderr_text()
