@@ -953,10 +953,22 @@ class CgroupV2Backend:
             remove_cgroup_dirs([self.parent], self.parent / "cgroup.procs", wait=0)
 
 
+def slice_oom_kills() -> int:
+    """OOM kills so far anywhere in faas.slice (v2 memory.events counts the subtree)."""
+    for events in (CGROUP_ROOT / "faas.slice/memory.events", CGROUP_ROOT / "unified/faas.slice/memory.events"):
+        if events.exists():
+            return read_keyed(events).get("oom_kill", 0)
+    return read_keyed(CGROUP_ROOT / "memory/faas.slice/memory.oom_control").get("oom_kill", 0)
+
+
 class SystemdScopeRun:
     """A transient scope started by `systemd-run --scope` around bwrap (the seed's way):
     systemd places the process before exec, so it never runs outside its limits.
-    OOMPolicy=continue keeps systemd from stopping the whole scope on one OOM kill."""
+    OOMPolicy=continue keeps systemd from stopping the whole scope on one OOM kill.
+
+    The scope is collected the moment its last process exits, before its counters can be
+    read: an OOM kill is seen in faas.slice's counter instead (a run that died of SIGKILL
+    while that counter rose), and peak memory and CPU time are not reported."""
     drops_privileges = False   # systemd-run switches to --uid itself
 
     def __init__(self, run_id: str, limits: Limits, uid: int, gid: int) -> None:
@@ -966,30 +978,22 @@ class SystemdScopeRun:
             "--slice=faas.slice", f"--uid={uid}", f"--gid={gid}",
             "-p", f"MemoryMax={limits.memory}", "-p", "MemorySwapMax=0", "-p", f"TasksMax={limits.pids}",
             "-p", f"CPUQuota={max(1, int(limits.cpus * 100))}%", "-p", "OOMPolicy=continue", "--"]
-        self.dir: Path | None = None
+        self.oom_kills_before = slice_oom_kills()
 
     def command_prefix(self) -> list[str]:
         return self.prefix
 
     def enter(self, pid: int) -> None:
-        pass   # systemd-run does it; the cgroup path is known once the scope exists
+        pass   # systemd-run places itself before it executes bwrap
 
     def lower_memory(self, memory: int) -> bool:
         return False
 
-    def scope_dir(self) -> Path | None:
-        if self.dir is None:
-            found = next(CGROUP_ROOT.glob(f"**/{self.unit}"), None) if CGROUP_ROOT.exists() else None
-            self.dir = found
-        return self.dir
-
     def oom_killed(self) -> bool:
-        directory = self.scope_dir()
-        return bool(directory) and read_keyed(directory / "memory.events").get("oom_kill", 0) > 0
+        return slice_oom_kills() > self.oom_kills_before
 
     def usage(self) -> dict[str, int]:
-        directory = self.scope_dir()
-        return cgroup_v2_usage(directory) if directory else {}
+        return {}
 
     def kill(self) -> None:
         subprocess.run(["systemctl", "kill", "--signal=SIGKILL", self.unit], capture_output=True, check=False)
@@ -1410,8 +1414,8 @@ class Sandbox:
         if started.result_r >= 0:
             os.close(started.result_r)
             started.result_r = -1
-        cgroup.kill()
         if proc.poll() is None:
+            cgroup.kill()
             proc.kill()
         try:
             code = proc.wait(timeout=5)
