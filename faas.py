@@ -1476,14 +1476,18 @@ class Pool:
         while True:
             with self.lock:
                 started = self.idle[argv].pop(0) if self.idle[argv] else None
-                self.stats[argv]["hits" if started else "misses"] += 1
-            self.wake.set()
-            if started is None:
-                return None
-            if started.proc.poll() is None and (limits.memory == started.limits.memory
-                                                or started.cgroup.lower_memory(limits.memory)):
-                return started
-            self.sandbox.discard(started)
+            if started is None or started.proc.poll() is None:
+                break
+            self.sandbox.discard(started)   # died while idle: try the next one
+        if started is not None and limits.memory != started.limits.memory \
+                and not started.cgroup.lower_memory(limits.memory):
+            with self.lock:
+                self.idle[argv].insert(0, started)   # fine for the next call; this one goes cold
+            started = None
+        with self.lock:
+            self.stats[argv]["hits" if started else "misses"] += 1
+        self.wake.set()
+        return started
 
     def fill_loop(self) -> None:
         while not self.closing.is_set():
