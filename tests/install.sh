@@ -33,6 +33,10 @@ command -v python3 >/dev/null 2>&1 || apt_pkgs+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || apt_pkgs+=(python3-pip)
 # the sandbox runs Debian's interpreter at /usr/bin/python3
 [ -x /usr/bin/python3 ] || apt_pkgs+=(python3)
+# tests/systemd: a systemd container (nspawn) and a cgroup-v2 VM (qemu), both debootstrap'd
+command -v systemd-nspawn >/dev/null 2>&1 || apt_pkgs+=(systemd-container)
+command -v debootstrap >/dev/null 2>&1 || apt_pkgs+=(debootstrap)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_pkgs+=(qemu-system-x86)
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${apt_pkgs[*]} and no apt-get to install them"
