@@ -1685,12 +1685,15 @@ class RunSlots:
         self.rejected = 0
 
     def __enter__(self) -> None:
+        acquired = self.semaphore.acquire(blocking=False)
+        if not acquired:
+            with self.lock:
+                may_wait = self.waiting < self.max_waiting
+                self.waiting += may_wait
+            acquired = may_wait and self.semaphore.acquire(timeout=self.wait)
+            with self.lock:
+                self.waiting -= may_wait
         with self.lock:
-            queue_full = self.waiting >= self.max_waiting
-            self.waiting += not queue_full
-        acquired = not queue_full and self.semaphore.acquire(timeout=self.wait)
-        with self.lock:
-            self.waiting -= not queue_full
             self.active += acquired
             self.rejected += not acquired
         if not acquired:
@@ -1869,7 +1872,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {("faas_store_errors_total", ()): 0}
         self.histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
@@ -1963,6 +1966,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.dispatch("HEAD")
 
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (TRACE, QUERY...) goes through the route table too: 405 with
+        Allow on a known path, 404 elsewhere."""
+        if name.startswith("do_") and name[3:].isupper():
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
+
     def version_string(self) -> str:
         return self.server_version
 
@@ -1986,6 +1996,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def handle_request(self, method: str) -> None:
+        self.body_read = False
         self.request_id = request_id(self.headers.get("X-Request-Id"))
         self.started = time.monotonic()
         self.status_sent = 0
@@ -2065,6 +2076,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(413, f"request body of {length} bytes is over the limit of "
                                 f"{self.app.config.body_max} bytes (CODE_MAX_SIZE)")
         raw = self.rfile.read(length) if length else b""
+        self.body_read = True
         if len(raw) < length:
             self.close_connection = True
             raise ApiError(400, "request body ended before Content-Length bytes arrived")
@@ -2077,6 +2089,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         return body
+
+    def body_unread(self) -> bool:
+        if getattr(self, "body_read", False) or not hasattr(self, "headers"):
+            return False
+        return self.headers.get("Content-Length", "0").strip() not in ("", "0") \
+            or "Transfer-Encoding" in self.headers
 
     def wants_stream(self, body: dict[str, Any]) -> bool:
         stream = body.get("stream", False)
@@ -2105,6 +2123,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_body(status, json_bytes(body), "application/json", headers)
 
     def send_body(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        if self.body_unread():
+            self.close_connection = True   # else the unread body would be read as the next request
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -2170,7 +2190,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         check_path(path)
         body = self.read_json()
         latest = body.get("latest")
-        if isinstance(latest, bool) or not isinstance(latest, int) or latest <= 0:
+        if isinstance(latest, bool) or not isinstance(latest, int) or not 0 < latest < 2**63:
             raise ApiError(400, "send {\"latest\": N} with N an existing version number")
         self.app.invoker.resolve(path, latest)
         if not self.app.store.set_latest(path, latest):
@@ -2256,7 +2276,7 @@ class Server(http.server.ThreadingHTTPServer):
     request_queue_size = 128
     BUSY_BODY = b'{"error": "too many open connections; retry shortly"}'
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
+            b"Connection: close\r\nX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s")
 
     def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
         super().__init__(address, handler)
@@ -2280,7 +2300,7 @@ class Server(http.server.ThreadingHTTPServer):
             return
         try:
             request.setblocking(False)
-            request.sendall(self.BUSY)
+            request.sendall(self.BUSY % (request_id(None).encode(), len(self.BUSY_BODY), self.BUSY_BODY))
         except OSError:
             pass
         self.shutdown_request(request)
