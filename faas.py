@@ -821,9 +821,6 @@ class CgroupV1Run:
         peak = read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
         if peak is not None:
             usage["memory_peak_bytes"] = peak
-        cpu_ns = read_int(self.dirs["cpuacct"] / "cpuacct.usage")
-        if cpu_ns is not None:
-            usage["cpu_ms"] = cpu_ns // 1_000_000
         return usage
 
     def kill(self) -> None:
@@ -843,10 +840,10 @@ class CgroupV1Run:
 
 
 class CgroupV1Backend:
-    """cgroup v1 (hybrid hosts like this one): memory, pids, cpu and cpuacct hierarchies, a
+    """cgroup v1 (hybrid hosts like this one): memory, pids and cpu hierarchies, a
     `faas-<pid>` directory under the server's own cgroup in each, one child per run."""
     name = "cgroup-v1"
-    CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+    CONTROLLERS = ("memory", "pids", "cpu")   # CPU time comes from wait4: one move fewer
 
     def __init__(self, root: Path = CGROUP_ROOT) -> None:
         self.parents = {}
@@ -1187,6 +1184,27 @@ class LineSplitter:
             self.sink(self.stream, line.rstrip(b"\r").decode("utf-8", "replace"))
 
 
+def reap(proc: subprocess.Popen, wait: float) -> tuple[int | None, float | None]:
+    """Popen.wait that keeps the resource usage: the exit code and the CPU seconds of the
+    process and of everything it waited for (bwrap waits for the whole sandbox). Gives
+    (None, None) if the process is still running after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    pause = 0.0002
+    while proc.returncode is None:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            break   # reaped elsewhere
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            return None, None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    return proc.returncode, None
+
+
 def first_json_document(data: bytes) -> dict[str, Any] | None:
     """The wrapper's result. Only the first document counts: a forked child of the user's
     code could write to the inherited result pipe too."""
@@ -1229,6 +1247,7 @@ class Sandbox:
         self.config = config
         self.limits = limits
         self.bwrap = shutil.which("bwrap") or "bwrap"
+        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         self.drop_privileges = os.geteuid() == 0
         uid, gid = (config.sandbox_uid, config.sandbox_gid) if self.drop_privileges else (os.geteuid(), os.getegid())
         self.runtime_dir = runtime_dir
@@ -1273,12 +1292,14 @@ class Sandbox:
             "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp",
         ]
 
-    def gate(self, limits: Limits) -> list[str]:
-        """The process started first, as the sandbox user: it waits for one line on stdin, sets
-        its rlimits, then becomes bwrap. The server moves it into the run's cgroup in between,
-        so every process of the run starts inside its limits (race-free, no preexec_fn)."""
+    def gate(self, limits: Limits, cgroup: RunCgroup) -> list[str]:
+        """The process started first: it waits for one line on stdin, sets its rlimits,
+        drops to the sandbox user, then becomes bwrap. The server moves it into the run's
+        cgroup in between, so every process of the run starts inside its limits (race-free,
+        no preexec_fn). Dropping privileges here rather than with Popen(user=...) keeps
+        Popen on its vfork path: forking a busy server costs milliseconds."""
         script = f'read -r _ && {rlimit_commands(limits, self.limits.name)} && exec "$@"'
-        return ["/bin/sh", "-c", script, "faas-gate"]
+        return ["/bin/sh", "-c", script, "faas-gate", *self.privilege_drop(cgroup)]
 
     def start(self, argv: list[str], limits: Limits, result_fd: bool = True) -> "Started":
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
@@ -1293,12 +1314,12 @@ class Sandbox:
                 result_r, result_w = os.pipe()
                 child_fds.append(result_w)
                 tail = [str(result_w)]
-            command = [*self.gate(limits), *cgroup.command_prefix(), *self.base_argv,
+            command = [*self.gate(limits, cgroup), *cgroup.command_prefix(), *self.base_argv,
                        "--seccomp", str(child_fds[0]), "--", *argv, *tail]
             try:
                 proc = subprocess.Popen(
                     command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    pass_fds=child_fds, env=SANDBOX_HOST_ENV, cwd="/", **self.privilege_drop(cgroup))
+                    pass_fds=child_fds, env=SANDBOX_HOST_ENV, cwd="/")
             finally:
                 for fd in child_fds:
                     os.close(fd)
@@ -1340,12 +1361,13 @@ class Sandbox:
         """End a sandbox that never got a request (pool recycling, failed start)."""
         self.finish(started, Outcome())
 
-    def privilege_drop(self, cgroup: RunCgroup) -> dict[str, Any]:
-        """As root, start the sandbox as the unprivileged sandbox uid: root inside a user
-        namespace is still host root for /proc/sys and RLIMIT_NPROC (research/sandbox.md)."""
+    def privilege_drop(self, cgroup: RunCgroup) -> list[str]:
+        """As root, start bwrap as the unprivileged sandbox uid: root inside a user namespace
+        is still host root for /proc/sys and RLIMIT_NPROC (research/sandbox.md)."""
         if not self.drop_privileges or not cgroup.drops_privileges:
-            return {}
-        return {"user": self.config.sandbox_uid, "group": self.config.sandbox_gid, "extra_groups": []}
+            return []
+        return [self.setpriv, f"--reuid={self.config.sandbox_uid}", f"--regid={self.config.sandbox_gid}",
+                "--clear-groups", "--"]
 
     @staticmethod
     def feed(proc: subprocess.Popen, data: bytes, close: bool = True) -> None:
@@ -1414,14 +1436,14 @@ class Sandbox:
         if started.result_r >= 0:
             os.close(started.result_r)
             started.result_r = -1
-        if proc.poll() is None:
+        # After a normal end every pipe is closed, which bwrap does only as it exits.
+        code, cpu_seconds = reap(proc, 1.0 if outcome.status == "ok" else 0)
+        if code is None:
             cgroup.kill()
             proc.kill()
-        try:
-            code = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            LOG.error("sandbox pid %s did not die after SIGKILL", proc.pid)
-            code = None
+            code, cpu_seconds = reap(proc, 5.0)
+            if code is None:
+                LOG.error("sandbox pid %s did not die after SIGKILL", proc.pid)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             try:
                 if pipe is not None:
@@ -1436,6 +1458,8 @@ class Sandbox:
             outcome.exit_code = code
         outcome.oom = cgroup.oom_killed()
         outcome.usage = cgroup.usage()
+        if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
+            outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
         cgroup.remove()
 
 
@@ -1445,6 +1469,21 @@ def memory_available() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 1 << 62
+
+
+class Every:
+    """A value recomputed at most once per `seconds`."""
+
+    def __init__(self, seconds: float, compute: Callable[[], Any]) -> None:
+        self.seconds = seconds
+        self.compute = compute
+        self.value: Any = None
+        self.at = float("-inf")
+
+    def __call__(self) -> Any:
+        if time.monotonic() - self.at >= self.seconds:
+            self.value, self.at = self.compute(), time.monotonic()
+        return self.value
 
 
 class Pool:
@@ -1464,6 +1503,7 @@ class Pool:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.closing = threading.Event()
+        self.memory_available = Every(1.0, memory_available)
         self.thread = threading.Thread(target=self.fill_loop, name="pool", daemon=True)
         if size > 0:
             self.thread.start()
@@ -1476,7 +1516,7 @@ class Pool:
         while True:
             with self.lock:
                 started = self.idle[argv].pop(0) if self.idle[argv] else None
-            if started is None or started.proc.poll() is None:
+            if started is None or reap(started.proc, 0)[0] is None:
                 break
             self.sandbox.discard(started)   # died while idle: try the next one
         if started is not None and limits.memory != started.limits.memory \
@@ -1486,8 +1526,12 @@ class Pool:
             started = None
         with self.lock:
             self.stats[argv]["hits" if started else "misses"] += 1
-        self.wake.set()
         return started
+
+    def refill(self) -> None:
+        """Called once a call has its answer: a spawn started while a call runs slows that
+        call down (a cgroup v1 move stalls every fork and exit on the machine)."""
+        self.wake.set()
 
     def fill_loop(self) -> None:
         while not self.closing.is_set():
@@ -1510,7 +1554,7 @@ class Pool:
 
     def next_to_fill(self) -> tuple[str, ...] | None:
         """The emptiest pool below its size, unless memory is short: then shrink instead."""
-        if memory_available() < 2 * self.limits.memory + (256 << 20):
+        if self.memory_available() < 2 * self.limits.memory + (256 << 20):
             self.shrink()
             return None
         with self.lock:
@@ -1824,11 +1868,14 @@ class Invoker:
                       sink: LineSink | None) -> Outcome:
         """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
         started = self.pool.take(argv, limits)
-        if started is None:
-            return self.sandbox.run(list(argv), request, limits, sink)
-        outcome = self.sandbox.complete(started, request, limits, sink)
-        outcome.pooled = True
-        return outcome
+        try:
+            if started is None:
+                return self.sandbox.run(list(argv), request, limits, sink)
+            outcome = self.sandbox.complete(started, request, limits, sink)
+            outcome.pooled = True
+            return outcome
+        finally:
+            self.pool.refill()
 
 
 def first_line_number(message: str) -> int | None:
