@@ -17,16 +17,18 @@ Protocol (see DESIGN.md, "Wrapper protocol"):
 - --check only compiles (the same transform) and writes {"ok": true} or the error.
 """
 
-import ast
+# `_ast`, the C module behind `ast`, has every node class and compile() makes the tree:
+# importing `ast` itself costs ~7 ms of every cold start. traceback and linecache are
+# imported only when there is an error to format.
+import _ast as ast
 import builtins
 import json
-import linecache
 import math
 import os
 import sys
-import traceback
 
 FILENAME = "function.py"  # what tracebacks show for the user's code
+USER_CODE = None          # the request's code, for the source lines of tracebacks
 FUNC_NAME = "__main"
 
 
@@ -34,7 +36,7 @@ def build(code):
     """Compile the user's body into a module that defines FUNC_NAME(event, input).
 
     Returns (code object, is_async). Raises SyntaxError (or ValueError for NUL bytes)."""
-    tree = ast.parse(code, FILENAME)
+    tree = compile(code, FILENAME, "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
     body = tree.body
     # `from __future__` imports must open the module, so leading ones are hoisted out of
     # the function (a docstring may precede them); a later one stays put and the
@@ -46,21 +48,19 @@ def build(code):
     future, body = body[start:end], body[:start] + body[end:]
     is_async = _awaits(body)
     kind = ast.AsyncFunctionDef if is_async else ast.FunctionDef
+    at_start = dict(lineno=1, col_offset=0, end_lineno=1, end_col_offset=0)
     fields = dict(
         name=FUNC_NAME,
-        args=ast.arguments(posonlyargs=[], args=[ast.arg("event"), ast.arg("input")],
+        args=ast.arguments(posonlyargs=[], args=[ast.arg("event", **at_start), ast.arg("input", **at_start)],
                            vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
-        body=body or [ast.Pass()],
+        body=body or [ast.Pass(**at_start)],
         decorator_list=[],
         returns=None,
-        lineno=1, col_offset=0,
+        **at_start,
     )
     if "type_params" in kind._fields:  # Python >= 3.12
         fields["type_params"] = []
     tree.body = future + [kind(**fields)]
-    ast.fix_missing_locations(tree)
-    # Tracebacks read source lines through linecache; register the user's code there.
-    linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
     return compile(tree, FILENAME, "exec", dont_inherit=True), is_async
 
 
@@ -85,8 +85,18 @@ def _awaits(body):
         elif isinstance(node, ast.ClassDef):
             todo += node.decorator_list + node.bases + [k.value for k in node.keywords]
         else:
-            todo += ast.iter_child_nodes(node)
+            todo += _children(node)
     return False
+
+
+def _children(node):
+    """The nodes directly below node (what ast.iter_child_nodes gives)."""
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if isinstance(value, ast.AST):
+            yield value
+        elif isinstance(value, list):
+            yield from (item for item in value if isinstance(item, ast.AST))
 
 
 def run(code_obj, is_async, event):
@@ -106,6 +116,11 @@ def run(code_obj, is_async, event):
 
 def error_result(exc):
     """The error document for an exception raised while building or running the code."""
+    import linecache
+    import traceback
+    # Tracebacks read source lines through linecache; register the user's code there.
+    if USER_CODE is not None:
+        linecache.cache[FILENAME] = (len(USER_CODE), None, USER_CODE.splitlines(True), FILENAME)
     tb = exc.__traceback__
     # Drop the wrapper's (and asyncio's) frames in front of the first user frame.
     while tb is not None and tb.tb_frame.f_code.co_filename != FILENAME:
@@ -189,8 +204,9 @@ def main(argv):
         if stream is not None:  # None when the fd was closed
             stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
 
+    global USER_CODE
     request = json.loads(sys.stdin.buffer.read())  # blocks until the server sends the request
-    code = request["code"]
+    code = USER_CODE = request["code"]
     event = request.get("event")
     sys.argv = [FILENAME]
 
