@@ -51,6 +51,15 @@ function wrap(req) {
   return HEADERS.js + req.code + '\n};\n';
 }
 
+/** Node loads its source-map support on the first module that carries a map: do that
+ * now, before the request, not in a TypeScript call's time (~1.5 ms). */
+function warmSourceMaps() {
+  const map = { version: 3, sources: ['warm.ts'], names: [], mappings: 'AAAA' };
+  const file = PREFIX + 'warm.js';
+  new Module(file, null)._compile('module.exports = 0;\n//# sourceMappingURL=data:application/json;base64,'
+    + Buffer.from(JSON.stringify(map)).toString('base64'), file);
+}
+
 /** Make a stack read as if the user's code were a file of its own: no directory in our
  * file names, no header in line 1 positions, and no wrapper frames (nor the Node
  * internals that called into the user's code). */
@@ -137,6 +146,7 @@ const resultFd = fdArg === undefined ? 3 : Number(fdArg);
 // process.stdout/stderr are created on first use, which loads the stream machinery
 // (~2 ms): do it now, before the request arrives, not in the function's time.
 const outputs = [process.stdout, process.stderr];
+warmSourceMaps();
 // Blocking writes: a function that prints in a tight loop then waits for the server to
 // read (which enforces the output limit) instead of queueing output in its own memory.
 for (const stream of outputs) if (stream._handle && stream._handle.setBlocking) stream._handle.setBlocking(true);
