@@ -13,6 +13,7 @@ Standard library only; redis-py is imported only when a Redis store is configure
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import queue
 import re
 import resource
 import selectors
@@ -40,7 +42,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 HERE = Path(__file__).resolve().parent
 LOG = logging.getLogger("faas")
@@ -289,27 +291,47 @@ class SQLiteStore:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.file = data_dir / "faas.sqlite3"
-        self.local = threading.local()
-        with self.connect() as db:
+        self.idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        with self.connection() as db:
             db.executescript(self.SCHEMA)
 
-    def connect(self) -> sqlite3.Connection:
-        """One connection per thread; writers serialise on SQLite's own lock."""
-        db = getattr(self.local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.file, timeout=30, isolation_level=None)
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection borrowed from the idle ones, opened when none is free: as many as
+        requests use the store at once, not one per HTTP thread."""
+        try:
+            db = self.idle.get_nowait()
+        except queue.Empty:
+            db = sqlite3.connect(self.file, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            self.local.db = db
-        return db
+        try:
+            yield db
+        finally:
+            self.idle.put(db)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: writers queue on SQLite's lock, so a version is read and written
+        by one upload at a time."""
+        with self.connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self.connection() as db:
+            return db.execute(sql, params).fetchall()
 
     COLUMNS = "path, version, language, code, compiled, created, limits"
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
             limits: dict[str, Any] | None) -> Version:
-        db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction() as db:
             row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
             version = next_version(row[0] if row else 0)
             now = time.time()
@@ -318,10 +340,6 @@ class SQLiteStore:
             db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
                        "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
                        (path, version, version, now))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return Version(path, version, language, code, compiled, now, limits)
 
     @staticmethod
@@ -331,22 +349,19 @@ class SQLiteStore:
 
     def find(self, path: str, version: int | None = None) -> int | None:
         """The latest version's number, or `version` if it exists: a cheap look-up."""
-        db = self.connect()
         if version is None:
-            row = db.execute("SELECT latest FROM functions WHERE path=?", (path,)).fetchone()
+            rows = self.rows("SELECT latest FROM functions WHERE path=?", (path,))
         else:
-            row = db.execute("SELECT version FROM versions WHERE path=? AND version=?", (path, version)).fetchone()
-        return row[0] if row else None
+            rows = self.rows("SELECT version FROM versions WHERE path=? AND version=?", (path, version))
+        return rows[0][0] if rows else None
 
     def get(self, path: str, version: int | None = None) -> Version | None:
-        db = self.connect()
         if version is None:
-            row = db.execute(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version="
-                             "(SELECT latest FROM functions WHERE path=?)", (path, path)).fetchone()
+            rows = self.rows(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version="
+                             "(SELECT latest FROM functions WHERE path=?)", (path, path))
         else:
-            row = db.execute(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version=?",
-                             (path, version)).fetchone()
-        return self.version_from_row(row) if row else None
+            rows = self.rows(f"SELECT {self.COLUMNS} FROM versions WHERE path=? AND version=?", (path, version))
+        return self.version_from_row(rows[0]) if rows else None
 
     FUNCTION_SUMMARY = ("SELECT f.path, v.language, f.latest, (SELECT count(*) FROM versions c WHERE "
                         "c.path=f.path), f.updated FROM functions f JOIN versions v ON v.path=f.path "
@@ -357,28 +372,25 @@ class SQLiteStore:
         return dict(zip(("path", "language", "latest", "versions", "updated"), row))
 
     def describe(self, path: str) -> dict[str, Any] | None:
-        row = self.connect().execute(self.FUNCTION_SUMMARY + " WHERE f.path=?", (path,)).fetchone()
-        return self.function_from_row(row) if row else None
+        rows = self.rows(self.FUNCTION_SUMMARY + " WHERE f.path=?", (path,))
+        return self.function_from_row(rows[0]) if rows else None
 
     def list_functions(self) -> list[dict[str, Any]]:
-        rows = self.connect().execute(self.FUNCTION_SUMMARY + " ORDER BY f.path").fetchall()
-        return [self.function_from_row(row) for row in rows]
+        return [self.function_from_row(row) for row in self.rows(self.FUNCTION_SUMMARY + " ORDER BY f.path")]
 
     def list_versions(self, path: str) -> list[dict[str, Any]]:
-        rows = self.connect().execute(
-            f"SELECT {self.COLUMNS} FROM versions WHERE path=? ORDER BY version", (path,)).fetchall()
+        rows = self.rows(f"SELECT {self.COLUMNS} FROM versions WHERE path=? ORDER BY version", (path,))
         return [self.version_from_row(row).summary() for row in rows]
 
     def set_latest(self, path: str, version: int) -> bool:
-        return self.connect().execute(
-            "UPDATE functions SET latest=?, updated=? WHERE path=? AND EXISTS "
-            "(SELECT 1 FROM versions WHERE path=? AND version=?)",
-            (version, time.time(), path, path, version)).rowcount > 0
+        with self.connection() as db:
+            return db.execute(
+                "UPDATE functions SET latest=?, updated=? WHERE path=? AND EXISTS "
+                "(SELECT 1 FROM versions WHERE path=? AND version=?)",
+                (version, time.time(), path, path, version)).rowcount > 0
 
     def delete(self, path: str, version: int | None = None) -> int:
-        db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction() as db:
             if version is None:
                 gone = db.execute("DELETE FROM versions WHERE path=?", (path,)).rowcount
             else:
@@ -389,20 +401,17 @@ class SQLiteStore:
             else:
                 db.execute("UPDATE functions SET latest=? WHERE path=? AND latest NOT IN "
                            "(SELECT version FROM versions WHERE path=?)", (newest, path, path))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return gone
 
     def ping(self) -> None:
-        self.connect().execute("SELECT 1").fetchone()
+        self.rows("SELECT 1")
 
     def close(self) -> None:
-        db = getattr(self.local, "db", None)
-        if db is not None:
-            db.close()
-            self.local.db = None
+        while True:
+            try:
+                self.idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class RedisStore:

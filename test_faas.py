@@ -17,28 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_error, assert_ok, wait_until
+
 # (helpers come from conftest.py through fixtures, not imports: tests/ may have its own
 # conftest.py, and two modules named "conftest" cannot both be imported by name)
 REPO = Path(__file__).resolve().parent
 FAAS_PY = REPO / "faas.py"
 
 # --------------------------------------------------------------------------- helpers
-
-def assert_error(r, status):
-    """An error answer: the status, JSON, with an "error" sentence."""
-    assert r.status == status, f"expected {status}, got {r.status}: {r.body!r}"
-    assert "json" in r.headers.get("content-type", ""), \
-        f"error answer is not JSON: {r.headers.get('content-type')!r} {r.raw[:300]!r}"
-    assert isinstance(r.body, dict), r.body
-    assert isinstance(r.body.get("error"), str) and r.body["error"].strip(), r.body
-    return r.body
-
-
-def assert_ok(r):
-    assert r.status == 200, f"expected 200, got {r.status}: {r.body!r}"
-    assert "json" in r.headers.get("content-type", ""), r.headers
-    assert isinstance(r.body, dict), r.body
-    return r.body
 
 
 def answer(r, data, type_):
@@ -98,15 +84,6 @@ def descendants(pid):
                 out[child] = (comm, cmd)
                 todo.append(child)
     return out
-
-
-def wait_until(pred, timeout=10.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(step)
 
 
 # --------------------------------------------------------------------------- seed examples

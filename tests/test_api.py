@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.helpers import assert_error, assert_ok
+
 REPO = Path(__file__).resolve().parent.parent
 OPENAPI = REPO / "openapi.json"
 
@@ -32,19 +34,6 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def assert_error(r, status):
-    assert r.status == status, f"expected {status}, got {r.status}: {r.body!r}"
-    assert "json" in r.headers.get("content-type", ""), (r.headers, r.raw[:300])
-    assert isinstance(r.body, dict) and isinstance(r.body.get("error"), str) and r.body["error"], r.body
-    return r.body
-
-
-def assert_ok(r):
-    assert r.status == 200, f"expected 200, got {r.status}: {r.body!r}"
-    assert "json" in r.headers.get("content-type", ""), r.headers
-    assert isinstance(r.body, dict), r.body
-    return r.body
 
 
 def upload(server, path, code, language="python", headers=None):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
+
 REPO = Path(__file__).resolve().parent.parent
 
 TIMEOUT = 3                     # TIMEOUT_SCRIPT of the attack servers
@@ -99,15 +101,6 @@ def processes_matching(text):
     """Live (non-zombie) host processes whose command line contains text."""
     return {p: i for p, i in proc_table().items()
             if text in i["cmdline"] and not i["state"].startswith("Z")}
-
-
-def wait_until(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def vm_rss(pid):
