@@ -830,6 +830,9 @@ class CgroupV1Run:
         peak = read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
         if peak is not None:
             usage["memory_peak_bytes"] = peak
+        cpu_ns = read_int(self.dirs["cpuacct"] / "cpuacct.usage")
+        if cpu_ns is not None:
+            usage["cpu_ms"] = cpu_ns // 1_000_000
         return usage
 
     def kill(self) -> None:
@@ -849,10 +852,10 @@ class CgroupV1Run:
 
 
 class CgroupV1Backend:
-    """cgroup v1 (hybrid hosts like this one): memory, pids and cpu hierarchies, a
+    """cgroup v1 (hybrid hosts like this one): memory, pids, cpu and cpuacct hierarchies, a
     `faas-<pid>` directory under the server's own cgroup in each, one child per run."""
     name = "cgroup-v1"
-    CONTROLLERS = ("memory", "pids", "cpu")   # CPU time comes from wait4: one move fewer
+    CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
     def __init__(self, root: Path = CGROUP_ROOT) -> None:
         self.parents = {}
