@@ -1355,6 +1355,8 @@ class Sandbox:
     def complete(self, started: "Started", stdin: bytes, limits: Limits, sink: LineSink | None,
                  since: float | None = None, answer_early: bool = False) -> Outcome:
         """Send the request to a started sandbox, pump its output, end it and clean up.
+        `since` is when a cold call began, its sandbox's start-up included; None for a
+        pre-started sandbox, whose start-up (time and CPU) is not the call's.
 
         With answer_early, the outcome is ready as soon as the wrapper's result has arrived
         (with the output printed before it): the sandbox is then still exiting, and
@@ -1362,6 +1364,8 @@ class Sandbox:
         interpreter's and the namespaces' teardown (1-3 ms)."""
         outcome = Outcome(spawn_ms=started.spawn_ms)
         began = time.monotonic() if since is None else since
+        # A pre-started interpreter already used CPU loading itself: that is not the call's.
+        cpu_before = started.cgroup.usage().get("cpu_ms", 0) if since is None else 0
         try:
             self.feed(started.proc, stdin)
             self.pump(started.proc, started.result_r, limits, sink, outcome, began, answer_early)
@@ -1375,6 +1379,8 @@ class Sandbox:
             outcome.cleanup = lambda: self.finish(started, Outcome())
         else:
             self.finish(started, outcome)
+        if "cpu_ms" in outcome.usage:
+            outcome.usage["cpu_ms"] = max(0, outcome.usage["cpu_ms"] - cpu_before)
         outcome.duration_ms = int((time.monotonic() - began) * 1000)
         return outcome
 
