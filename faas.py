@@ -27,7 +27,6 @@ import os
 import platform
 import queue
 import re
-import resource
 import selectors
 import shutil
 import signal
@@ -1161,7 +1160,6 @@ class Outcome:
     oom: bool = False
     duration_ms: int = 0
     spawn_ms: float = 0
-    pooled: bool = False
     stopped_at_result: bool = False                    # answered before the sandbox exited...
     cleanup: Callable[[], None] = lambda: None         # ...which this then finishes
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -1919,9 +1917,7 @@ class Invoker:
         if started is None:
             started = self.sandbox.start(list(argv), limits)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
-        outcome = self.sandbox.complete(started, request, limits, sink, answer_early=True)
-        outcome.pooled = True
-        return outcome
+        return self.sandbox.complete(started, request, limits, sink, answer_early=True)
 
 
 def first_line_number(message: str) -> int | None:
@@ -2043,36 +2039,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     ]
 
     # -- dispatch ---------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self.dispatch("GET")
-
-    def do_POST(self) -> None:
-        self.dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self.dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self.dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self.dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self.dispatch("HEAD")
-
     def __getattr__(self, name: str) -> Any:
-        """Any other method (TRACE, QUERY...) goes through the route table too: 405 with
-        Allow on a known path, 404 elsewhere."""
+        """http.server calls do_<METHOD>: every method goes through the route table, so an
+        unrouted one (TRACE, QUERY...) is a 405 with Allow on a known path, else a 404."""
         if name.startswith("do_") and name[3:].isupper():
             return lambda: self.dispatch(name[3:])
         raise AttributeError(name)
 
     def version_string(self) -> str:
         return self.server_version
-
-    def do_OPTIONS(self) -> None:
-        self.dispatch("OPTIONS")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (malformed request line, unknown method, headers too
