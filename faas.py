@@ -567,7 +567,7 @@ RUNTIMES = {
     "python": Runtime("python", "/usr/bin/python3",
                       ("/usr/bin/python3", "-I", f"{WRAPPERS_IN_SANDBOX}/python.py")),
     "javascript": Runtime("javascript", "/usr/bin/node",
-                          ("/usr/bin/node", "--enable-source-maps", f"{WRAPPERS_IN_SANDBOX}/node.js")),
+                          ("/usr/bin/node", f"{WRAPPERS_IN_SANDBOX}/node.js")),
 }
 RUNTIMES["typescript"] = dataclasses.replace(RUNTIMES["javascript"], language="typescript", transpile=True)
 TS_HEADER = "async function __main(event: any, input: any) {"

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ["/usr/bin/python3", "-I", str(ROOT / "wrappers" / "python.py")]
-NODE = ["/usr/bin/node", "--enable-source-maps", str(ROOT / "wrappers" / "node.js")]
+NODE = ["/usr/bin/node", str(ROOT / "wrappers" / "node.js")]
 ESBUILD = os.environ.get("ESBUILD") or str(ROOT / "node_modules/@esbuild/linux-x64/bin/esbuild")
 # The flags the server uses at upload (see the report to the lead / README).
 ESBUILD_ARGS = ["--loader=ts", "--sourcemap=inline", "--sourcefile=function.ts",
@@ -405,6 +405,24 @@ def test_ts_first_line_column():
     err = fail(NODE, "throw new Error('x')", language="typescript")
     assert "function.ts:1:7)" in err["stack"] and err["line"] == 1
 
+
+
+@needs_esbuild
+def test_ts_printed_stack_and_caught_errors_are_mapped_too():
+    # The map is read when a stack is formatted, whoever formats it.
+    code = ("type T = { n: number }\n\n"
+            "function bad(t: T): never { throw new RangeError('n=' + t.n) }\n"
+            "try { bad({ n: 2 }) } catch (e) { console.log((e as Error).stack) }\n"
+            "const o: { stack?: string } = {}\n"
+            "Error.captureStackTrace(o)\n"
+            "console.log(o.stack)\n"
+            "return 1")
+    res, out = ts(code)
+    assert res == {"ok": True, "value": 1}
+    caught, captured = out.split("\n", 1)[0], out.split("Error\n", 1)[1]
+    assert caught == "RangeError: n=2"
+    assert "function.ts:3:35)" in out and "function.ts:4:7)" in out
+    assert "function.ts:6:7)" in captured and "function.js" not in out
 
 @needs_esbuild
 def test_ts_printed_json_and_no_return():
