@@ -28,6 +28,7 @@ import platform
 import queue
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -669,7 +670,7 @@ class RunCgroup(Protocol):
     drops_privileges: bool   # False when the command prefix itself switches uid (systemd-run)
 
     def command_prefix(self) -> list[str]: ...
-    def enter(self, pid: int) -> None: ...
+    def join_files(self) -> list[Path]: ...
     def lower_memory(self, memory: int) -> bool: ...
     def oom_killed(self) -> bool: ...
     def usage(self) -> dict[str, int]: ...
@@ -746,8 +747,8 @@ class NoCgroup:
     def command_prefix(self) -> list[str]:
         return []
 
-    def enter(self, pid: int) -> None:
-        pass
+    def join_files(self) -> list[Path]:
+        return []
 
     def lower_memory(self, memory: int) -> bool:
         return False   # RLIMIT_DATA is fixed once the process runs
@@ -807,9 +808,11 @@ class CgroupV1Run:
     def command_prefix(self) -> list[str]:
         return []
 
-    def enter(self, pid: int) -> None:
-        for directory in self.dirs.values():
-            (directory / "cgroup.procs").write_text(str(pid))
+    def join_files(self) -> list[Path]:
+        """`tasks`, not `cgroup.procs`: a thread moving itself skips the kernel's global
+        threadgroup lock, whose RCU grace period otherwise costs milliseconds per move on a
+        busy host (unless cgroups are mounted with favordynmods)."""
+        return [directory / "tasks" for directory in self.dirs.values()]
 
     def lower_memory(self, memory: int) -> bool:
         """Memory first, then memory+swap: memsw may never be below memory."""
@@ -891,8 +894,8 @@ class CgroupV2Run:
     def command_prefix(self) -> list[str]:
         return []
 
-    def enter(self, pid: int) -> None:
-        (self.dir / "cgroup.procs").write_text(str(pid))
+    def join_files(self) -> list[Path]:
+        return [self.dir / "cgroup.procs"]
 
     def lower_memory(self, memory: int) -> bool:
         try:
@@ -991,8 +994,8 @@ class SystemdScopeRun:
     def command_prefix(self) -> list[str]:
         return self.prefix
 
-    def enter(self, pid: int) -> None:
-        pass   # systemd-run places itself before it executes bwrap
+    def join_files(self) -> list[Path]:
+        return []   # systemd-run places itself before it executes bwrap
 
     def lower_memory(self, memory: int) -> bool:
         return False
@@ -1305,13 +1308,14 @@ class Sandbox:
         ]
 
     def gate(self, limits: Limits, cgroup: RunCgroup) -> list[str]:
-        """The process started first: it waits for one line on stdin, sets its rlimits,
-        drops to the sandbox user, then becomes bwrap. The server moves it into the run's
-        cgroup in between, so every process of the run starts inside its limits (race-free,
-        no preexec_fn). Dropping privileges here rather than with Popen(user=...) keeps
-        Popen on its vfork path: forking a busy server costs milliseconds."""
-        script = f'read -r _ && {rlimit_commands(limits, self.limits.name)} && exec "$@"'
-        return ["/bin/sh", "-c", script, "faas-gate", *self.privilege_drop(cgroup)]
+        """The process started first: it joins the run's cgroups (writing 0, "myself"),
+        sets its rlimits, drops to the sandbox user, then becomes bwrap. So every process
+        of the run starts inside its limits, race-free and without preexec_fn. Dropping
+        privileges here rather than with Popen(user=...) keeps Popen on its vfork path:
+        forking a busy server costs milliseconds."""
+        steps = [f"echo 0 > {shlex.quote(str(path))}" for path in cgroup.join_files()]
+        steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
+        return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
 
     def start(self, argv: list[str], limits: Limits, result_fd: bool = True) -> "Started":
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
@@ -1340,15 +1344,7 @@ class Sandbox:
                 os.close(result_r)
             cgroup.remove()
             raise
-        started = Started(proc, cgroup, result_r, limits, began)
-        try:
-            cgroup.enter(proc.pid)
-            self.feed(proc, b"go\n", close=False)   # the gate now becomes bwrap
-        except BaseException:
-            self.discard(started)
-            raise
-        started.spawn_ms = (time.monotonic() - began) * 1000
-        return started
+        return Started(proc, cgroup, result_r, limits, began, (time.monotonic() - began) * 1000)
 
     def complete(self, started: "Started", stdin: bytes, limits: Limits, sink: LineSink | None,
                  since: float | None = None, answer_early: bool = False) -> Outcome:
@@ -1401,16 +1397,13 @@ class Sandbox:
                 "--clear-groups", "--"]
 
     @staticmethod
-    def feed(proc: subprocess.Popen, data: bytes, close: bool = True) -> None:
+    def feed(proc: subprocess.Popen, data: bytes) -> None:
         """The wrapper reads its whole request before running any user code, so a blocking
         write cannot deadlock against output."""
         assert proc.stdin is not None
         try:
             proc.stdin.write(data)
-            if close:
-                proc.stdin.close()
-            else:
-                proc.stdin.flush()
+            proc.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
             pass   # the process died early; its exit status tells why
 

@@ -820,6 +820,45 @@ return [os.getuid(), os.geteuid(), os.getgid(), caps]"""
     assert_alive(srv)
 
 
+def test_every_sandbox_process_is_in_its_own_run_cgroups(srv):
+    """The gate joins the run's cgroups before anything of the run starts: from the host,
+    every process below the server (pooled sandboxes too) sits in one run cgroup, the same
+    run in every controller, and the slow call's processes share a run no other has."""
+    if srv.get("/healthz").body["limits"] != "cgroup-v1":
+        pytest.skip("this host's server does not use cgroup v1")
+    mark = marker()
+    code = f"""import subprocess, time
+p = subprocess.Popen(["sleep", "{mark}"])
+time.sleep(2)
+p.kill()
+return 1"""
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", call(srv, "python", code)))
+    t.start()
+    assert wait_until(lambda: processes_matching(mark), timeout=10), "the slow call did not start"
+    runs = {}
+    for pid, info in descendants(srv.proc.pid).items():
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            continue   # exited meanwhile
+        places = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for controller in set(controllers.split(",")) & set(CGROUP_CONTROLLERS):
+                places[controller] = path
+        inside = f"/faas-{srv.proc.pid}/"
+        run = {path.split(inside, 1)[1] if inside in path else None for path in places.values()}
+        assert len(places) == len(CGROUP_CONTROLLERS) and len(run) == 1 and None not in run, \
+            (pid, info["cmdline"], places)
+        runs.setdefault(run.pop(), []).append(info["cmdline"])
+    t.join()
+    assert ok(box["r"])["data"] == 1
+    slow = [run for run, cmdlines in runs.items() if any(mark in c for c in cmdlines)]
+    assert len(slow) == 1 and any("python" in c for c in runs[slow[0]]), runs
+    assert_alive(srv)
+
+
 # --------------------------------------------------------------------------- network
 
 NET_PROBE = """import errno, socket, time
