@@ -66,6 +66,8 @@ class ConfigError(Exception):
     """A setting has a value the server cannot use; the message names the variable."""
 
 
+# The pre-started sandboxes are per wrapper program: node's serves JavaScript and TypeScript.
+POOLS = ("python", "node")
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -132,7 +134,7 @@ class Config:
     queue_timeout: float
     max_queue: int
     max_connections: int
-    pool_size: int
+    pool_sizes: dict[str, int]   # per POOLS name
     pool_idle: float
     token: str | None
     invoke_token: str | None
@@ -166,6 +168,7 @@ class Config:
         esbuild = get("FAAS_ESBUILD") or str(HERE / "node_modules/@esbuild/linux-x64/bin/esbuild")
         uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID", "65534"), int, 1)
         cpus = os.cpu_count() or 1
+        pool_size = parse_number("FAAS_POOL_SIZE", get("FAAS_POOL_SIZE", "2"), int, 0, 64)
         return cls(
             host=host,
             port=parse_number("HTTP_PORT", get("HTTP_PORT", "8080"), int, 0, 65535),
@@ -184,7 +187,9 @@ class Config:
             queue_timeout=parse_number("FAAS_QUEUE_TIMEOUT", get("FAAS_QUEUE_TIMEOUT", "2"), float, 0),
             max_queue=parse_number("FAAS_MAX_QUEUE", get("FAAS_MAX_QUEUE", str(8 * cpus)), int, 0),
             max_connections=parse_number("FAAS_MAX_CONNECTIONS", get("FAAS_MAX_CONNECTIONS", "256"), int, 1),
-            pool_size=parse_number("FAAS_POOL_SIZE", get("FAAS_POOL_SIZE", "2"), int, 0, 64),
+            pool_sizes={pool: parse_number(f"FAAS_POOL_SIZE_{pool.upper()}",
+                                           get(f"FAAS_POOL_SIZE_{pool.upper()}", str(pool_size)), int, 0, 64)
+                        for pool in POOLS},
             pool_idle=parse_number("FAAS_POOL_IDLE", get("FAAS_POOL_IDLE", "300"), float, 1),
             token=token,
             invoke_token=invoke_token,
@@ -295,10 +300,13 @@ class SQLiteStore:
         with self.connection() as db:
             db.executescript(self.SCHEMA)
 
+    IDLE_CONNECTIONS = 4   # each holds a page cache (up to 2 MiB): a burst must not keep them
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         """A connection borrowed from the idle ones, opened when none is free: as many as
-        requests use the store at once, not one per HTTP thread."""
+        requests use the store at once, not one per HTTP thread. Beyond IDLE_CONNECTIONS,
+        a returned connection is closed."""
         try:
             db = self.idle.get_nowait()
         except queue.Empty:
@@ -308,7 +316,10 @@ class SQLiteStore:
         try:
             yield db
         finally:
-            self.idle.put(db)
+            if self.idle.qsize() < self.IDLE_CONNECTIONS:
+                self.idle.put(db)
+            else:
+                db.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -670,7 +681,7 @@ class RunCgroup(Protocol):
     drops_privileges: bool   # False when the command prefix itself switches uid (systemd-run)
 
     def command_prefix(self) -> list[str]: ...
-    def join_files(self) -> list[Path]: ...
+    def join_files(self) -> list[str]: ...
     def lower_memory(self, memory: int) -> bool: ...
     def oom_killed(self) -> bool: ...
     def usage(self) -> dict[str, int]: ...
@@ -685,14 +696,26 @@ class LimitBackend(Protocol):
     def close(self) -> None: ...
 
 
-def read_text(path: Path) -> str:
+# A run's cgroup paths are plain strings: pathlib interns every path component, and a run
+# id is new for every call, so the interpreter's table of interned strings would churn
+# (and be reallocated, ~1 MiB) as calls go by.
+FilePath = str | Path
+
+
+def read_text(path: FilePath) -> str:
     try:
-        return path.read_text()
+        with open(path) as file:
+            return file.read()
     except OSError:
         return ""
 
 
-def read_keyed(path: Path) -> dict[str, int]:
+def write_text(path: FilePath, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def read_keyed(path: FilePath) -> dict[str, int]:
     """`key value` lines (memory.events, cpu.stat, memory.oom_control) as a dict."""
     values = {}
     for line in read_text(path).splitlines():
@@ -702,12 +725,12 @@ def read_keyed(path: Path) -> dict[str, int]:
     return values
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: FilePath) -> int | None:
     text = read_text(path).strip()
     return int(text) if text.isdigit() else None
 
 
-def remove_cgroup_dirs(dirs: list[Path], procs: Path, wait: float = 3.0) -> None:
+def remove_cgroup_dirs(dirs: list[FilePath], procs: FilePath, wait: float = 3.0) -> None:
     """rmdir once the processes are gone (SIGKILLed ones take a moment to exit)."""
     deadline = time.monotonic() + wait
     while read_text(procs).strip() and time.monotonic() < deadline:
@@ -715,7 +738,7 @@ def remove_cgroup_dirs(dirs: list[Path], procs: Path, wait: float = 3.0) -> None
     for directory in dirs:
         for _ in range(100):
             try:
-                directory.rmdir()
+                os.rmdir(directory)
                 break
             except FileNotFoundError:
                 break
@@ -747,7 +770,7 @@ class NoCgroup:
     def command_prefix(self) -> list[str]:
         return []
 
-    def join_files(self) -> list[Path]:
+    def join_files(self) -> list[str]:
         return []
 
     def lower_memory(self, memory: int) -> bool:
@@ -792,47 +815,48 @@ def own_cgroup(controller: str | None) -> str:
 class CgroupV1Run:
     drops_privileges = True
 
-    def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
+    def __init__(self, dirs: dict[str, str], limits: Limits) -> None:
         self.dirs = dirs
         for directory in dirs.values():
-            directory.mkdir()
-        memory = dirs["memory"]
-        (memory / "memory.limit_in_bytes").write_text(str(limits.memory))
-        if (memory / "memory.memsw.limit_in_bytes").exists():
-            (memory / "memory.memsw.limit_in_bytes").write_text(str(limits.memory))   # no swap
-        (dirs["pids"] / "pids.max").write_text(str(limits.pids))
+            os.mkdir(directory)
+        self.set_memory(limits.memory)
+        write_text(f"{dirs['pids']}/pids.max", str(limits.pids))
         period = 100_000
-        (dirs["cpu"] / "cpu.cfs_period_us").write_text(str(period))
-        (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(limits.cpus * period))))
+        write_text(f"{dirs['cpu']}/cpu.cfs_period_us", str(period))
+        write_text(f"{dirs['cpu']}/cpu.cfs_quota_us", str(max(1000, int(limits.cpus * period))))
 
     def command_prefix(self) -> list[str]:
         return []
 
-    def join_files(self) -> list[Path]:
+    def join_files(self) -> list[str]:
         """`tasks`, not `cgroup.procs`: a thread moving itself skips the kernel's global
         threadgroup lock, whose RCU grace period otherwise costs milliseconds per move on a
         busy host (unless cgroups are mounted with favordynmods)."""
-        return [directory / "tasks" for directory in self.dirs.values()]
+        return [f"{directory}/tasks" for directory in self.dirs.values()]
+
+    def set_memory(self, memory: int) -> None:
+        """Memory first, then memory+swap (no swap): memsw may never be below memory."""
+        write_text(f"{self.dirs['memory']}/memory.limit_in_bytes", str(memory))
+        memsw = f"{self.dirs['memory']}/memory.memsw.limit_in_bytes"
+        if os.path.exists(memsw):
+            write_text(memsw, str(memory))
 
     def lower_memory(self, memory: int) -> bool:
-        """Memory first, then memory+swap: memsw may never be below memory."""
         try:
-            (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory))
-            if (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
-                (self.dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(str(memory))
+            self.set_memory(memory)
         except OSError:
             return False
         return True
 
     def oom_killed(self) -> bool:
-        return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0) > 0
+        return read_keyed(f"{self.dirs['memory']}/memory.oom_control").get("oom_kill", 0) > 0
 
     def usage(self) -> dict[str, int]:
         usage = {}
-        peak = read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        peak = read_int(f"{self.dirs['memory']}/memory.max_usage_in_bytes")
         if peak is not None:
             usage["memory_peak_bytes"] = peak
-        cpu_ns = read_int(self.dirs["cpuacct"] / "cpuacct.usage")
+        cpu_ns = read_int(f"{self.dirs['cpuacct']}/cpuacct.usage")
         if cpu_ns is not None:
             usage["cpu_ms"] = cpu_ns // 1_000_000
         return usage
@@ -840,7 +864,7 @@ class CgroupV1Run:
     def kill(self) -> None:
         """v1 has no cgroup.kill: SIGKILL every member (the pid namespace makes escapes moot)."""
         for _ in range(10):
-            pids = read_text(self.dirs["pids"] / "cgroup.procs").split()
+            pids = read_text(f"{self.dirs['pids']}/cgroup.procs").split()
             if not pids:
                 return
             for pid in pids:
@@ -850,7 +874,7 @@ class CgroupV1Run:
                     pass
 
     def remove(self) -> None:
-        remove_cgroup_dirs(list(self.dirs.values()), self.dirs["pids"] / "cgroup.procs")
+        remove_cgroup_dirs(list(self.dirs.values()), f"{self.dirs['pids']}/cgroup.procs")
 
 
 class CgroupV1Backend:
@@ -868,12 +892,10 @@ class CgroupV1Backend:
                 (self.parents["memory"] / "memory.use_hierarchy").write_text("1")
             except OSError:
                 pass   # already hierarchical through its parent
-        probe = CgroupV1Run({c: p / f"probe-{os.getpid()}" for c, p in self.parents.items()},
-                            Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1))
-        probe.remove()
+        self.create(f"probe-{os.getpid()}", Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1)).remove()
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
-        return CgroupV1Run({c: p / run_id for c, p in self.parents.items()}, limits)
+        return CgroupV1Run({c: f"{p}/{run_id}" for c, p in self.parents.items()}, limits)
 
     def close(self) -> None:
         remove_cgroup_dirs(list(self.parents.values()), self.parents["pids"] / "cgroup.procs", wait=0)
@@ -882,50 +904,50 @@ class CgroupV1Backend:
 class CgroupV2Run:
     drops_privileges = True
 
-    def __init__(self, directory: Path, limits: Limits) -> None:
+    def __init__(self, directory: str, limits: Limits) -> None:
         self.dir = directory
-        directory.mkdir()
-        (directory / "memory.max").write_text(str(limits.memory))
-        if (directory / "memory.swap.max").exists():
-            (directory / "memory.swap.max").write_text("0")
-        (directory / "pids.max").write_text(str(limits.pids))
-        (directory / "cpu.max").write_text(f"{max(1000, int(limits.cpus * 100_000))} 100000")
+        os.mkdir(directory)
+        write_text(f"{directory}/memory.max", str(limits.memory))
+        if os.path.exists(f"{directory}/memory.swap.max"):
+            write_text(f"{directory}/memory.swap.max", "0")
+        write_text(f"{directory}/pids.max", str(limits.pids))
+        write_text(f"{directory}/cpu.max", f"{max(1000, int(limits.cpus * 100_000))} 100000")
 
     def command_prefix(self) -> list[str]:
         return []
 
-    def join_files(self) -> list[Path]:
-        return [self.dir / "cgroup.procs"]
+    def join_files(self) -> list[str]:
+        return [f"{self.dir}/cgroup.procs"]
 
     def lower_memory(self, memory: int) -> bool:
         try:
-            (self.dir / "memory.max").write_text(str(memory))
+            write_text(f"{self.dir}/memory.max", str(memory))
         except OSError:
             return False
         return True
 
     def oom_killed(self) -> bool:
-        return read_keyed(self.dir / "memory.events").get("oom_kill", 0) > 0
+        return read_keyed(f"{self.dir}/memory.events").get("oom_kill", 0) > 0
 
     def usage(self) -> dict[str, int]:
         return cgroup_v2_usage(self.dir)
 
     def kill(self) -> None:
         try:
-            (self.dir / "cgroup.kill").write_text("1")
+            write_text(f"{self.dir}/cgroup.kill", "1")
         except OSError:
             pass   # already gone
 
     def remove(self) -> None:
-        remove_cgroup_dirs([self.dir], self.dir / "cgroup.procs")
+        remove_cgroup_dirs([self.dir], f"{self.dir}/cgroup.procs")
 
 
-def cgroup_v2_usage(directory: Path) -> dict[str, int]:
+def cgroup_v2_usage(directory: FilePath) -> dict[str, int]:
     usage = {}
-    peak = read_int(directory / "memory.peak")
+    peak = read_int(f"{directory}/memory.peak")
     if peak is not None:
         usage["memory_peak_bytes"] = peak
-    cpu_us = read_keyed(directory / "cpu.stat").get("usage_usec")
+    cpu_us = read_keyed(f"{directory}/cpu.stat").get("usage_usec")
     if cpu_us is not None:
         usage["cpu_ms"] = cpu_us // 1000
     return usage
@@ -954,10 +976,10 @@ class CgroupV2Backend:
                 (leaf / "cgroup.procs").write_text(pid)
         for directory in {own, self.parent}:
             (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
-        CgroupV2Run(self.parent / f"probe-{os.getpid()}", Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1)).remove()
+        self.create(f"probe-{os.getpid()}", Limits(MIN_RUN_MEMORY, 1, 8, 1, 1, 1)).remove()
 
     def create(self, run_id: str, limits: Limits) -> RunCgroup:
-        return CgroupV2Run(self.parent / run_id, limits)
+        return CgroupV2Run(f"{self.parent}/{run_id}", limits)
 
     def close(self) -> None:
         if self.parent.name.startswith("faas-"):
@@ -1313,7 +1335,7 @@ class Sandbox:
         of the run starts inside its limits, race-free and without preexec_fn. Dropping
         privileges here rather than with Popen(user=...) keeps Popen on its vfork path:
         forking a busy server costs milliseconds."""
-        steps = [f"echo 0 > {shlex.quote(str(path))}" for path in cgroup.join_files()]
+        steps = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
         steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
         return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
 
@@ -1515,32 +1537,37 @@ class Every:
         return self.value
 
 
+def pool_name(argv: tuple[str, ...]) -> str:
+    """The POOLS name of an interpreter argv: its wrapper program's."""
+    return Path(argv[-1]).stem
+
+
 class Pool:
     """Sandboxes started ahead of calls, per interpreter argv: each already in its own cgroup
     with the default limits, its wrapper loaded and blocked on stdin. A call takes one (never
     waits for one), uses it once, and a background thread starts a replacement. Security is
     that of a cold sandbox: same flags, same limits, nothing shared between calls."""
 
-    def __init__(self, sandbox: Sandbox, argvs: list[tuple[str, ...]], size: int, limits: Limits,
+    def __init__(self, sandbox: Sandbox, sizes: dict[tuple[str, ...], int], limits: Limits,
                  idle_seconds: float) -> None:
         self.sandbox = sandbox
-        self.size = size
+        self.sizes = sizes
         self.limits = limits
         self.idle_seconds = idle_seconds
-        self.idle: dict[tuple[str, ...], list[Started]] = {argv: [] for argv in argvs}
-        self.stats = {argv: {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0} for argv in argvs}
+        self.idle: dict[tuple[str, ...], list[Started]] = {argv: [] for argv in sizes}
+        self.stats = {argv: {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0} for argv in sizes}
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.memory_available = Every(1.0, memory_available)
         self.thread = threading.Thread(target=self.fill_loop, name="pool", daemon=True)
-        if size > 0:
+        if any(sizes.values()):
             self.thread.start()
 
     def take(self, argv: tuple[str, ...], limits: Limits) -> Started | None:
         """A started sandbox for this call, its memory limit lowered if the call asks; None
         when the pool has none (the caller starts one cold)."""
-        if self.size == 0 or argv not in self.idle:
+        if not self.sizes.get(argv):
             return None
         while True:
             with self.lock:
@@ -1587,8 +1614,8 @@ class Pool:
             self.shrink()
             return None
         with self.lock:
-            argv, idle = min(self.idle.items(), key=lambda item: len(item[1]))
-            return argv if len(idle) < self.size else None
+            short = [(len(idle), argv) for argv, idle in self.idle.items() if len(idle) < self.sizes[argv]]
+            return min(short)[1] if short else None
 
     def shrink(self) -> None:
         with self.lock:
@@ -1608,8 +1635,8 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         with self.lock:
-            return {Path(argv[-1]).stem: {
-                "size": self.size, "idle": len(self.idle[argv]), "hits": stats["hits"],
+            return {pool_name(argv): {
+                "size": self.sizes[argv], "idle": len(self.idle[argv]), "hits": stats["hits"],
                 "misses": stats["misses"], "started": stats["started"],
                 "spawn_ms_avg": round(stats["spawn_ms_total"] / stats["started"], 2) if stats["started"] else None}
                 for argv, stats in self.stats.items()}
@@ -1908,7 +1935,7 @@ class Invoker:
         """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
         started = self.pool.take(argv, limits)
         if started is None:
-            started = self.sandbox.start(list(argv), limits)
+            started = self.sandbox.start([*argv, "--cold"], limits)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
         return self.sandbox.complete(started, request, limits, sink, answer_early=True)
 
@@ -2432,9 +2459,9 @@ class App:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-", dir=runtime_base))
         self.limit_backend = choose_limit_backend(config)
         self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir)
-        argvs = list(dict.fromkeys(runtime.argv for runtime in RUNTIMES.values()
-                                   if os.access(runtime.interpreter, os.X_OK)))
-        self.pool = Pool(self.sandbox, argvs, config.pool_size, Limits.from_config(config), config.pool_idle)
+        pool_sizes = {runtime.argv: config.pool_sizes[pool_name(runtime.argv)] for runtime in RUNTIMES.values()
+                      if os.access(runtime.interpreter, os.X_OK)}
+        self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
         self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None

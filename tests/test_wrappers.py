@@ -7,7 +7,6 @@ repo (package.json pins it); they are skipped, with the reason, when neither exi
 """
 
 import json
-import math
 import os
 import selectors
 import subprocess
@@ -91,6 +90,23 @@ def fail(argv, code, event=None, language=None, check=False):
 
 def ts(code, event=None):
     return ok(NODE, code, event, "typescript")
+
+
+@pytest.mark.parametrize("language", ["python", "javascript"])
+def test_cold_flag_changes_nothing_a_call_sees(language):
+    """--cold (the server starts a wrapper for a call already waiting): output, its order
+    and the result are as for a pre-started wrapper; node opens stdout/stderr on first use."""
+    argv, code = {
+        "python": (PYTHON, "import sys\nprint('out')\nprint('err', file=sys.stderr)\n"
+                           "sys.stdout.write('more\\n')\nreturn event['a'] + 1"),
+        "javascript": (NODE, "console.log('out'); console.error('err'); process.stdout.write('more\\n');"
+                             " return event.a + 1"),
+    }[language]
+    for extra in ([], ["--cold"]):
+        res, out, err, rc = run(argv + extra, code, {"a": 41}, language)
+        assert (res, out, err, rc) == ({"ok": True, "value": 42}, "out\nmore\n", "err\n", 0)
+    res, out, err, rc = run(argv + ["--cold"], "return 1", None, language)
+    assert (res, out, err, rc) == ({"ok": True, "value": 1}, "", "", 0)
 
 
 # ------------------------------------------------------------------ values (both)

@@ -2,7 +2,7 @@
 /**
  * Run one faas JavaScript/TypeScript function: the wrapper program started in the sandbox.
  *
- *     /usr/bin/node node.js [--check] [RESULT_FD]
+ *     /usr/bin/node node.js [--check] [--cold] [RESULT_FD]
  *
  * Protocol (see DESIGN.md, "Wrapper protocol"):
  * - stdin carries one JSON request {"code", "event", "language"}; it is read to EOF only
@@ -17,6 +17,8 @@
  *   {"ok": false, "error": {"type", "message", "stack", "line"}}; then the process exits
  *   at once, without waiting for timers the function left behind.
  * - --check only compiles the wrapped source and writes {"ok": true} or the error.
+ * - --cold: the request is already waiting (no pool started this process ahead of the
+ *   call), so nothing is prepared ahead that the call may not need.
  *
  * - TypeScript stacks show the .ts lines through esbuild's inline source map, read only
  *   when a stack is formatted (see deferSourceMap); Node runs without
@@ -172,15 +174,34 @@ function writeAll(fd, text) {
 // ---------------------------------------------------------------- main
 const args = process.argv.slice(2);
 const checkOnly = args.includes('--check');
-const fdArg = args.find((a) => a !== '--check');
+const fdArg = args.find((a) => !a.startsWith('--'));
 const resultFd = fdArg === undefined ? 3 : Number(fdArg);
 
-// process.stdout/stderr are created on first use, which loads the stream machinery
-// (~2 ms): do it now, before the request arrives, not in the function's time.
-const outputs = [process.stdout, process.stderr];
 // Blocking writes: a function that prints in a tight loop then waits for the server to
 // read (which enforces the output limit) instead of queueing output in its own memory.
-for (const stream of outputs) if (stream._handle && stream._handle.setBlocking) stream._handle.setBlocking(true);
+const outputs = []; // the streams opened so far, drained before the result is written
+function opened(stream) {
+  if (stream._handle && stream._handle.setBlocking) stream._handle.setBlocking(true);
+  outputs.push(stream);
+  return stream;
+}
+// process.stdout/stderr are created on first use, which loads the stream machinery
+// (~2 ms). A pre-started wrapper creates them while it waits for its request; a cold one
+// only if the function prints (console.log reaches them through these getters too).
+if (checkOnly || args.includes('--cold')) {
+  for (const name of ['stdout', 'stderr']) {
+    const create = Object.getOwnPropertyDescriptor(process, name).get;
+    let stream = null;
+    Object.defineProperty(process, name, {
+      configurable: true,
+      enumerable: true,
+      get: () => stream || (stream = opened(create.call(process))),
+    });
+  }
+} else {
+  opened(process.stdout);
+  opened(process.stderr);
+}
 const req = JSON.parse(fs.readFileSync(0, 'utf8')); // blocks until the server sends it
 const source = wrap(req);
 

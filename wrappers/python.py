@@ -1,6 +1,6 @@
 """Run one faas Python function: the wrapper program started inside the sandbox.
 
-    /usr/bin/python3 -I python.py [--check] [RESULT_FD]
+    /usr/bin/python3 -I python.py [--check] [--cold] [RESULT_FD]
 
 Protocol (see DESIGN.md, "Wrapper protocol"):
 - stdin carries one JSON request {"code": str, "event": any, "language": "python"};
@@ -15,6 +15,8 @@ Protocol (see DESIGN.md, "Wrapper protocol"):
   {"ok": true, "value": v} ("value" absent when the function returned None) or
   {"ok": false, "error": {"type", "message", "stack", "line"}}.
 - --check only compiles (the same transform) and writes {"ok": true} or the error.
+- --cold (the request is already waiting) changes nothing here: this wrapper prepares
+  nothing ahead that a call might not need.
 """
 
 # `_ast`, the C module behind `ast`, has every node class and compile() makes the tree:
@@ -232,7 +234,7 @@ def write_result(fd, text):
 
 def main(argv):
     check = "--check" in argv
-    rest = [a for a in argv if a != "--check"]
+    rest = [a for a in argv if not a.startswith("--")]
     fd = int(rest[0]) if rest else 3
     os.set_inheritable(fd, False)  # user subprocesses must not hold the result pipe open
     for stream in (sys.stdout, sys.stderr):
