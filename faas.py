@@ -1016,7 +1016,7 @@ class SystemdScopeRun:
     def command_prefix(self) -> list[str]:
         return self.prefix
 
-    def join_files(self) -> list[Path]:
+    def join_files(self) -> list[str]:
         return []   # systemd-run places itself before it executes bwrap
 
     def lower_memory(self, memory: int) -> bool:
@@ -1270,7 +1270,7 @@ class Started:
     result_r: int
     limits: Limits
     born: float
-    spawn_ms: float = 0
+    spawn_ms: float
 
 
 class Sandbox:
