@@ -23,6 +23,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import platform
 import queue
@@ -1691,9 +1692,18 @@ def reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def finite_float(text: str) -> float:
+    """A JSON number as a double; one beyond a double's range (1e400) would become
+    Infinity, which is not JSON and which no wrapper could be handed."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return value
+
+
 def strict_json(text: str | bytes) -> Any:
     """json.loads without the NaN/Infinity extensions, which other JSON parsers reject."""
-    return json.loads(text, parse_constant=reject_constant)
+    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
 
 
 def parse_input(body: dict[str, Any]) -> Any:

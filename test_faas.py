@@ -584,7 +584,7 @@ class TestErrors:
         assert r.status in (400, 404), r
         assert_error(r, r.status)
 
-    @pytest.mark.parametrize("inp", ["{bad", "not json", "{'a': 1}", "[1,", "NaN"])
+    @pytest.mark.parametrize("inp", ["{bad", "not json", "{'a': 1}", "[1,", "NaN", "1e400", '{"a": [-1e999]}'])
     def test_input_not_json(self, server, uid, inp):
         server.upload(f"{uid}/f", "python", "return event")
         assert_error(server.run(f"{uid}/f", inp), 400)
@@ -593,6 +593,15 @@ class TestErrors:
         s = server.sse(f"/run/{uid}/f", {"input": inp, "stream": True})
         assert s.status == 400 and "json" in s.headers.get("content-type", ""), s.headers
         s.close()
+
+    @pytest.mark.parametrize("language", ["python", "javascript"])
+    def test_number_beyond_a_double_is_a_clear_400(self, server, language):
+        """1e400 is valid JSON syntax but no double: a 400 naming it, not a crashed wrapper."""
+        raw = b'{"language": "%s", "code": "return 1", "input": {"a": 1e400}}' % language.encode()
+        r = server.request("POST", "/run-now", raw, headers={"Content-Type": "application/json"})
+        body = assert_error(r, 400)
+        assert "1e400" in body["error"], body
+        answer(server.run_now(language, "return 1.5e308"), 1.5e308, "number")
 
     def test_body_too_large(self, server, uid):
         big = "# " + "x" * 300_000 + "\nreturn 1"
