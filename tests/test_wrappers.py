@@ -417,6 +417,17 @@ def test_ts_stack_has_typescript_line_numbers():
 
 
 @needs_esbuild
+@pytest.mark.parametrize("unhook", ["Error.prepareStackTrace = undefined",
+                                    "delete (Error as any).prepareStackTrace",
+                                    "Error.prepareStackTrace = (e: any, s: any) => String(e) + '\\n    at ' + s.join('\\n    at ')"])
+def test_ts_error_lines_survive_user_code_replacing_the_stack_hook(unhook):
+    code = f"{unhook}\nconst n: number = 2\nthrow new Error('n=' + n)"
+    err = fail(NODE, code, language="typescript")
+    assert err["line"] == 3 and "function.ts:3:7" in err["stack"], err
+    assert "function.js" not in err["stack"], err
+
+
+@needs_esbuild
 def test_ts_first_line_column():
     err = fail(NODE, "throw new Error('x')", language="typescript")
     assert "function.ts:1:7)" in err["stack"] and err["line"] == 1

@@ -56,6 +56,11 @@ function wrap(req) {
 }
 
 const MAP_MARK = '\n//# sourceMappingURL=data:application/json;base64,';
+const FILE_POSITION = new RegExp(FILE.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + ':(\\d+):(\\d+)', 'g');
+
+/** TypeScript only: [line, column] in the .ts source of a 1-based position in FILE, or
+ * null; set by deferSourceMap. */
+let originalPosition = null;
 
 /** Cut esbuild's inline source map off the code and map this file's stack frames
  * through it when a stack is formatted. Left in the code, the map would be decoded and
@@ -65,21 +70,21 @@ function deferSourceMap(code) {
   if (at < 0) return code;
   const payload = code.slice(at + MAP_MARK.length).trim();
   let map = null;
-  const original = (line, column) => {
-    map = map || new Module.SourceMap(JSON.parse(Buffer.from(payload, 'base64').toString()));
-    const entry = map.findEntry(line - 1, column - 1);
-    return entry.originalLine === undefined ? null : [entry.originalLine + 1, entry.originalColumn + 1];
+  originalPosition = (line, column) => {
+    try {
+      map = map || new Module.SourceMap(JSON.parse(Buffer.from(payload, 'base64').toString()));
+      const entry = map.findEntry(line - 1, column - 1);
+      return entry.originalLine === undefined ? null : [entry.originalLine + 1, entry.originalColumn + 1];
+    } catch (e) { // an unreadable map leaves the JavaScript position
+      return null;
+    }
   };
   const frame = (site) => {
     const text = String(site);
-    try {
-      const line = site.getLineNumber();
-      const column = site.getColumnNumber();
-      const mapped = site.getFileName() === FILE && original(line, column);
-      return mapped ? text.replace(`${FILE}:${line}:${column}`, `${PREFIX}function.ts:${mapped.join(':')}`) : text;
-    } catch (e) { // an unreadable map leaves the JavaScript position
-      return text;
-    }
+    const line = site.getLineNumber();
+    const column = site.getColumnNumber();
+    const mapped = site.getFileName() === FILE && originalPosition(line, column);
+    return mapped ? text.replace(`${FILE}:${line}:${column}`, `${PREFIX}function.ts:${mapped.join(':')}`) : text;
   };
   // V8's own format: the error's toString(), then one "    at" line per frame.
   Error.prepareStackTrace = (error, sites) => {
@@ -98,6 +103,12 @@ function deferSourceMap(code) {
  * file names, no header in line 1 positions, and no wrapper frames (nor the Node
  * internals that called into the user's code). */
 function cleanStack(stack) {
+  if (originalPosition) { // positions left unmapped: the user's code replaced or removed the hook
+    stack = stack.replace(FILE_POSITION, (position, line, column) => {
+      const mapped = originalPosition(Number(line), Number(column));
+      return mapped ? `${PREFIX}function.ts:${mapped.join(':')}` : position;
+    });
+  }
   const lines = stack.split(PREFIX + 'function.').join('function.').split('\n')
     .map((l) => l.replace(/([\s(]|^)function\.([jt]s):1:(\d+)/,
       (m, pre, ext, col) => `${pre}function.${ext}:1:${Math.max(1, col - HEADERS[ext].length)}`));
