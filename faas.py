@@ -683,6 +683,7 @@ class RunCgroup(Protocol):
 
     def command_prefix(self) -> list[str]: ...
     def join_files(self) -> list[str]: ...
+    def joined(self) -> bool: ...
     def lower_memory(self, memory: int) -> bool: ...
     def oom_killed(self) -> bool: ...
     def usage(self) -> dict[str, int]: ...
@@ -774,6 +775,9 @@ class NoCgroup:
     def join_files(self) -> list[str]:
         return []
 
+    def joined(self) -> bool:
+        return True
+
     def lower_memory(self, memory: int) -> bool:
         return False   # RLIMIT_DATA is fixed once the process runs
 
@@ -834,6 +838,11 @@ class CgroupV1Run:
         threadgroup lock, whose RCU grace period otherwise costs milliseconds per move on a
         busy host (unless cgroups are mounted with favordynmods)."""
         return [f"{directory}/tasks" for directory in self.dirs.values()]
+
+    def joined(self) -> bool:
+        """The gate joins in `dirs` order, cpuacct last, and stops at the first failure:
+        CPU time counted in cpuacct means it got into every hierarchy."""
+        return (read_int(f"{self.dirs['cpuacct']}/cpuacct.usage") or 0) > 0
 
     def set_memory(self, memory: int) -> None:
         """Memory first, then memory+swap (no swap): memsw may never be below memory."""
@@ -919,6 +928,9 @@ class CgroupV2Run:
 
     def join_files(self) -> list[str]:
         return [f"{self.dir}/cgroup.procs"]
+
+    def joined(self) -> bool:
+        return read_keyed(f"{self.dir}/cpu.stat").get("usage_usec", 0) > 0
 
     def lower_memory(self, memory: int) -> bool:
         try:
@@ -1019,6 +1031,9 @@ class SystemdScopeRun:
 
     def join_files(self) -> list[str]:
         return []   # systemd-run places itself before it executes bwrap
+
+    def joined(self) -> bool:
+        return True
 
     def lower_memory(self, memory: int) -> bool:
         return False
@@ -1173,6 +1188,10 @@ def seccomp_fd(program: bytes) -> int:
     return fd
 
 
+class SandboxError(Exception):
+    """A sandbox could not be set up as required: a server-side failure, never the code's."""
+
+
 @dataclasses.dataclass
 class Outcome:
     """What happened to one sandboxed process."""
@@ -1189,6 +1208,7 @@ class Outcome:
     stopped_at_result: bool = False                    # answered before the sandbox exited...
     cleanup: Callable[[], None] = lambda: None         # ...which this then finishes
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
+    joined: bool = True                                # False: the gate failed to join its cgroups
 
 
 LineSink = Callable[[str, str], None]
@@ -1335,7 +1355,8 @@ class Sandbox:
         sets its rlimits, drops to the sandbox user, then becomes bwrap. So every process
         of the run starts inside its limits, race-free and without preexec_fn. Dropping
         privileges here rather than with Popen(user=...) keeps Popen on its vfork path:
-        forking a busy server costs milliseconds."""
+        forking a busy server costs milliseconds. `echo` is a builtin of /bin/sh (dash),
+        so the gate itself writes the 0; if joining fails, the chain stops before bwrap."""
         steps = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
         steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
         return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
@@ -1396,6 +1417,9 @@ class Sandbox:
             outcome.cleanup = lambda: self.finish(started, Outcome())
         else:
             self.finish(started, outcome)
+            if not outcome.joined:   # the server's fault, and its stderr names host paths
+                raise SandboxError("a sandbox could not join its cgroups: "
+                                   + outcome.stderr.decode("utf-8", "replace").strip()[-300:])
         if "cpu_ms" in outcome.usage:
             outcome.usage["cpu_ms"] = max(0, outcome.usage["cpu_ms"] - cpu_before)
         outcome.duration_ms = int((time.monotonic() - began) * 1000)
@@ -1512,6 +1536,8 @@ class Sandbox:
         outcome.usage = cgroup.usage()
         if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
             outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
+        if code not in (None, 0) and outcome.result is None:
+            outcome.joined = cgroup.joined()
         cgroup.remove()
 
 
