@@ -1431,9 +1431,11 @@ class Sandbox:
         began = time.monotonic()
         return self.complete(self.start(argv, limits, result_fd), stdin, limits, sink, since=began)
 
-    def discard(self, started: "Started") -> None:
+    def discard(self, started: "Started") -> Outcome:
         """End a sandbox that never got a request (pool recycling, failed start)."""
-        self.finish(started, Outcome())
+        outcome = Outcome()
+        self.finish(started, outcome)
+        return outcome
 
     def privilege_drop(self, cgroup: RunCgroup) -> list[str]:
         """As root, start bwrap as the unprivileged sandbox uid: root inside a user namespace
@@ -1601,7 +1603,8 @@ class Pool:
                 started = self.idle[argv].pop(0) if self.idle[argv] else None
             if started is None or reap(started.proc, 0)[0] is None:
                 break
-            self.sandbox.discard(started)   # died while idle: try the next one
+            if not self.sandbox.discard(started).joined:   # died while idle: try the next one
+                LOG.error("pool: a pre-started sandbox could not join its cgroups")
         if started is not None and limits.memory != started.limits.memory \
                 and not started.cgroup.lower_memory(limits.memory):
             with self.lock:

@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import faas  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpuacct").is_dir(),
@@ -78,3 +79,17 @@ def test_a_joined_sandbox_that_fails_is_the_functions_failure(runtime_dir):
         assert (outcome.exit_code, outcome.result, outcome.joined) == (3, None, True), outcome.stderr
     finally:
         backend.close()
+
+
+def test_a_pooled_sandbox_that_could_not_join_is_logged_and_not_used(sandbox, caplog):
+    box, backend, limits = sandbox
+    argv = faas.RUNTIMES["python"].argv
+    pool = faas.Pool(box, {argv: 1}, limits, idle_seconds=300)
+    try:
+        assert wait_until(lambda: pool.describe()["python"]["idle"] == 1, timeout=10)
+        assert wait_until(lambda: pool.idle[argv] and pool.idle[argv][0].proc.poll() is not None, timeout=10)
+        assert pool.take(argv, limits) is None
+        assert "could not join its cgroups" in caplog.text
+    finally:
+        pool.close()
+    assert not any(os.path.exists(d) for run in backend.runs for d in run.dirs.values())
