@@ -7,7 +7,6 @@ No timing assertions beyond the order in which things arrive.
 """
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_error, assert_ok, wait_until
+from tests.helpers import assert_error, assert_ok, descendants, proc_table, wait_until
 
 # (helpers come from conftest.py through fixtures, not imports: tests/ may have its own
 # conftest.py, and two modules named "conftest" cannot both be imported by name)
@@ -54,36 +53,6 @@ def stream(server, path, body, headers=None):
 
 def logs_of(events):
     return [e for e in events if e.get("event") == "log"]
-
-
-def proc_table():
-    """pid -> (ppid, comm, cmdline) for every process we can see."""
-    table = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                "utf-8", "replace").strip()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(d)] = (int(fields[1]), comm, cmd)
-    return table
-
-
-def descendants(pid):
-    table = proc_table()
-    out, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        for child, (ppid, comm, cmd) in table.items():
-            if ppid == p and child not in out:
-                out[child] = (comm, cmd)
-                todo.append(child)
-    return out
 
 
 # --------------------------------------------------------------------------- seed examples
@@ -800,10 +769,10 @@ class TestLimits:
 
         def leftovers():
             return {pid: v for pid, v in proc_table().items()
-                    if v[1] == marker or marker in v[2] or seconds in v[2]}
+                    if v["comm"] == marker or marker in v["cmdline"] or seconds in v["cmdline"]}
 
         def sandboxes():
-            return sum(1 for comm, _ in descendants(s.proc.pid).values() if comm == "bwrap")
+            return sum(1 for v in descendants(s.proc.pid).values() if v["comm"] == "bwrap")
 
         answer(s.run_now("python", "return 1"), 1, "number")
         time.sleep(1)
@@ -853,7 +822,7 @@ class TestLimits:
         st.close()
 
         def alive():
-            return [pid for pid, v in proc_table().items() if v[1] == marker]
+            return [pid for pid, v in proc_table().items() if v["comm"] == marker]
 
         # at the latest the time limit (2 s) ends it
         wait_until(lambda: not alive(), timeout=10)

@@ -33,8 +33,8 @@ def wait_until(pred, timeout=10.0, step=0.05):
 
 
 def proc_table():
-    """pid -> dict(ppid, uid (real, effective, saved, fs), cap_eff, cmdline) for every
-    process on the host."""
+    """pid -> dict(ppid, comm, uid (real, effective, saved, fs), cap_eff, state, cmdline)
+    for every process on the host."""
     table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -48,6 +48,7 @@ def proc_table():
         try:
             table[int(name)] = {
                 "ppid": int(fields["PPid"].strip()),
+                "comm": fields["Name"].strip(),
                 "uid": [int(x) for x in fields["Uid"].split()],
                 "cap_eff": int(fields.get("CapEff", "0").strip(), 16),
                 "state": fields.get("State", "").strip(),
