@@ -9,16 +9,13 @@ sandbox starts.
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import faas  # noqa: E402
-from tests.helpers import wait_until  # noqa: E402
+import faas   # the repository root is on sys.path through its conftest.py
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpuacct").is_dir(),
