@@ -756,9 +756,12 @@ def server_cgroup_dir(base: Path) -> Path:
     for stale in base.glob("faas-*"):
         pid = stale.name.removeprefix("faas-")
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            for run in stale.iterdir():
-                if run.is_dir():
-                    remove_cgroup_dirs([run], run / "cgroup.procs", wait=0)
+            try:
+                runs = [run for run in stale.iterdir() if run.is_dir()]
+            except FileNotFoundError:
+                continue   # another server starting at the same moment swept it first
+            for run in runs:
+                remove_cgroup_dirs([run], run / "cgroup.procs", wait=0)
             remove_cgroup_dirs([stale], stale / "cgroup.procs", wait=0)
     parent = base / f"faas-{os.getpid()}"
     parent.mkdir(exist_ok=True)
