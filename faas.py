@@ -95,6 +95,15 @@ def parse_number(name: str, text: str, kind: type = int, minimum: float = 0,
     return value
 
 
+def parse_switch(name: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("on", "1", "true", "yes"):
+        return True
+    if lowered in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"{name}={text!r} must be on or off")
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """KEY=VALUE lines of a .env file (as go-faas reads it); comments, `export` and quotes allowed."""
     values: dict[str, str] = {}
@@ -144,6 +153,7 @@ class Config:
     sandbox_gid: int
     limits: str
     esbuild: Path | None
+    console: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -199,6 +209,7 @@ class Config:
             sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID", str(uid)), int, 1),
             limits=limits,
             esbuild=Path(esbuild),
+            console=parse_switch("FAAS_CONSOLE", get("FAAS_CONSOLE", "on")),
         )
 
 
@@ -1964,6 +1975,7 @@ class Invoker:
             raise
         self.metrics.inc("faas_calls_total", function=function, language=runtime.language, status=outcome.status)
         self.metrics.observe("faas_call_duration_seconds", outcome.duration_ms / 1000, language=runtime.language)
+        self.metrics.observe("faas_function_duration_seconds", outcome.duration_ms / 1000, function=function)
         self.metrics.observe("faas_sandbox_spawn_seconds", outcome.spawn_ms / 1000)
 
         def after_answer() -> None:
@@ -2014,6 +2026,7 @@ class Metrics:
     HELP = {
         "faas_calls_total": ("counter", "Function calls by function, language and outcome status."),
         "faas_call_duration_seconds": ("histogram", "Wall time of function calls, sandbox start to end."),
+        "faas_function_duration_seconds": ("histogram", "Wall time of function calls by function."),
         "faas_sandbox_spawn_seconds": ("histogram", "Time to create a run's cgroup and start its sandbox."),
         "faas_uploads_total": ("counter", "Stored uploads by language."),
         "faas_store_errors_total": ("counter", "Requests that failed because the store did."),
@@ -2098,6 +2111,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", re.compile(r"/functions/(?P<path>.+)"), "get_function", "admin"),
         ("PATCH", re.compile(r"/functions/(?P<path>.+)"), "patch_function", "admin"),
         ("DELETE", re.compile(r"/functions/(?P<path>.+)"), "delete_function", "admin"),
+        ("GET", re.compile(r"/(?:console/?)?"), "get_console_page", "public"),
+        ("GET", re.compile(r"/console/(?P<name>[A-Za-z0-9_-]+\.[a-z]+)"), "get_console_file", "public"),
     ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -2310,7 +2325,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_body(200, self.app.render_metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def get_functions(self) -> None:
-        self.send_json(200, {"functions": self.app.store.list_functions()})
+        self.send_json(200, {"functions": [with_sha256(self.app.store, function)
+                                           for function in self.app.store.list_functions()]})
+
+    def get_console_page(self) -> None:
+        self.get_console_file("index.html")
+
+    def get_console_file(self, name: str) -> None:
+        data, content_type = self.app.console.file(name)
+        self.send_body(200, data, content_type, CONSOLE_HEADERS)
 
     def get_function(self, path: str) -> None:
         check_path(path)
@@ -2507,6 +2530,7 @@ class App:
         self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
+        self.console = Console(CONSOLE_DIR if config.console else None)
         self.started = time.time()
         self.stopping = threading.Event()
         self.server: Server | None = None
@@ -2598,6 +2622,50 @@ class App:
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+# ==========================================================================================
+# 7b. Console (static files beside faas.py, served at / and /console)
+# ==========================================================================================
+
+CONSOLE_DIR = HERE / "console"
+CONSOLE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+# The page's script and styles come from this server only, it may talk to nothing else, and
+# no other site may frame it. User data is only ever set as text (textContent), never as HTML.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class Console:
+    """The console's files, read once at start-up; None (FAAS_CONSOLE=off) serves nothing."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        if directory is not None and directory.is_dir():
+            for file in directory.iterdir():
+                if file.is_file() and file.suffix in CONSOLE_TYPES:
+                    self.files[file.name] = (file.read_bytes(), CONSOLE_TYPES[file.suffix])
+
+    def file(self, name: str) -> tuple[bytes, str]:
+        if not self.files:
+            raise ApiError(404, "the console is off (FAAS_CONSOLE=off) or not installed beside faas.py")
+        if name not in self.files:
+            raise ApiError(404, f"no console file {name!r}")
+        return self.files[name]
+
+
+def with_sha256(store: Store, function: dict[str, Any]) -> dict[str, Any]:
+    """A function's summary plus its latest code's sha256, so a client (`faas.py deploy`)
+    can tell from one listing which functions changed."""
+    latest = store.get(function["path"], function["latest"])
+    return {**function, "sha256": hashlib.sha256(latest.code.encode()).hexdigest() if latest else None}
 
 
 # ==========================================================================================
@@ -2696,6 +2764,7 @@ def install_missing(missing: list[Dependency]) -> None:
         subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=HERE, check=False)
 
 
+INSTALL_DIRS = ("wrappers", "console")
 INSTALL_FILES = ("faas.py", "openapi.json", "package.json", "package-lock.json", "README.md")
 UNIT_FILES = ("faas.service", "faas.slice")
 SYSTEMD_DIR = Path("/etc/systemd/system")
@@ -2723,9 +2792,9 @@ def install(prefix: Path) -> int:
         if (HERE / name).is_file():
             shutil.copy2(HERE / name, prefix / name)
             print(f"copied {HERE / name} -> {prefix / name}")
-    shutil.copytree(HERE / "wrappers", prefix / "wrappers", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    print(f"copied {HERE / 'wrappers'} -> {prefix / 'wrappers'}")
+    for name in INSTALL_DIRS:
+        shutil.copytree(HERE / name, prefix / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        print(f"copied {HERE / name} -> {prefix / name}")
     esbuild = HERE / "node_modules/@esbuild"
     if esbuild.is_dir():
         shutil.copytree(esbuild, prefix / "node_modules/@esbuild", dirs_exist_ok=True, symlinks=True)

@@ -595,7 +595,7 @@ class TestErrors:
         assert_error(server.request(method, path), 405)
 
     @pytest.mark.parametrize("method,path", [
-        ("GET", "/"), ("GET", "/nope"), ("POST", "/nope"), ("POST", "/uploads"),
+        ("GET", "/consoles"), ("GET", "/nope"), ("POST", "/nope"), ("POST", "/uploads"),
         ("POST", "/upload/extra"), ("GET", "/healthz/x"),
     ])
     def test_unknown_route(self, server, method, path):
