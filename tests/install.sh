@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh Debian 12 (run as root), and nothing when it is
-# already there: bubblewrap, redis-server, node/npm, esbuild (pinned in package.json,
+# already there: bubblewrap, redis-server, node/npm, chromium, esbuild (pinned in package.json,
 # installed with `npm ci --ignore-scripts`), and pytest + redis-py (requirements-dev.txt).
 set -euo pipefail
 
@@ -37,6 +37,9 @@ python3 -m pip --version >/dev/null 2>&1 || apt_pkgs+=(python3-pip)
 command -v systemd-nspawn >/dev/null 2>&1 || apt_pkgs+=(systemd-container)
 command -v debootstrap >/dev/null 2>&1 || apt_pkgs+=(debootstrap)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_pkgs+=(qemu-system-x86)
+# tests/test_console.py: a real headless browser (driven by pip's playwright, pinned in
+# requirements-dev.txt, through its executable path: `playwright install` is not used)
+command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${apt_pkgs[*]} and no apt-get to install them"
@@ -48,7 +51,7 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
         || die "apt-get install ${apt_pkgs[*]} failed"
 fi
 
-for c in bwrap redis-server node npm python3; do
+for c in bwrap redis-server node npm python3 chromium; do
     command -v "$c" >/dev/null 2>&1 || die "$c is still missing after installation"
 done
 
