@@ -664,8 +664,10 @@ class Limits:
     def capped(self, stored: dict[str, Any] | None) -> "Limits":
         """A version's stored limits, never above today's maxima (MAX_MEMORY may have shrunk)."""
         stored = stored or {}
+        memory = stored.get("memory", self.memory)   # stored as asked: bytes or a size like '64M'
+        memory = parse_size("memory", memory) if isinstance(memory, str) else memory
         return dataclasses.replace(self, timeout=min(self.timeout, stored.get("timeout", self.timeout)),
-                                   memory=min(self.memory, stored.get("memory", self.memory)))
+                                   memory=min(self.memory, memory))
 
 
 MIN_RUN_MEMORY = 32 << 20   # below this Node does not start
@@ -2843,6 +2845,285 @@ def uninstall(prefix: Path, purge: bool) -> int:
     return 0
 
 
+# -- client commands: deploy, call, ls, logs (talk to a running server over HTTP) ----------
+
+CLIENT_COMMANDS = ("deploy", "call", "ls", "logs")
+SOURCE_LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript"}
+SKIPPED_DIRS = {"node_modules", "__pycache__"}
+# `# faas: {"timeout": 5}` or `// faas: {...}` on one of a file's first lines
+FRONT_MATTER = re.compile(r"\s*(?:#|//)\s*faas:\s*(\{.*\})\s*")
+RESERVED_SETTINGS = ("path", "language", "code")
+
+
+class ClientError(Exception):
+    """The server could not be reached or answered something unusable: exit 2."""
+
+
+class Remote:
+    """The server at --url/FAAS_URL, with FAAS_TOKEN as the bearer token when set."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 330) -> None:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"--url/FAAS_URL {url!r} is not an http(s) URL")
+        self.parts, self.token, self.timeout = parts, token, timeout
+        self.base = parts.path.rstrip("/")
+
+    def open(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> Any:
+        """The response, not yet read (an SSE stream is read as it arrives)."""
+        import http.client
+        kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(self.parts.hostname, self.parts.port, timeout=self.timeout)
+        headers = {"Accept": accept}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, self.base + path, body=data, headers=headers)
+            return connection.getresponse()
+        except OSError as error:
+            raise ClientError(f"cannot reach {self.parts.geturl()}: {error}") from None
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """(status, parsed JSON answer)."""
+        response = self.open(method, path, body)
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw or b"{}")
+        except ValueError:
+            raise ClientError(f"{method} {path}: the server answered {response.status} with non-JSON "
+                              f"{raw[:200]!r}") from None
+
+    def ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, answer = self.call(method, path, body)
+        if status != 200:
+            raise ClientError(f"{method} {path}: {status} {answer.get('error', answer) if isinstance(answer, dict) else answer}")
+        return answer
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFunction:
+    path: str
+    file: Path
+    language: str
+    code: str
+    settings: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.code.encode()).hexdigest()
+
+
+def front_matter(code: str) -> dict[str, Any]:
+    for line in code.splitlines()[:5]:
+        match = FRONT_MATTER.fullmatch(line)
+        if match:
+            return json.loads(match.group(1))
+    return {}
+
+
+def local_functions(root: Path, prefix: str) -> list[LocalFunction]:
+    """Every *.py/*.js/*.ts under root (not in hidden dirs, node_modules, *.d.ts), as the
+    function at its relative path without the extension. Settings: the directory's faas.json
+    (`{"file.py": {...}}`), overridden by the file's front-matter comment."""
+    found: list[LocalFunction] = []
+    beside: dict[Path, dict[str, Any]] = {}
+    for file in sorted(root.rglob("*")):
+        relative = file.relative_to(root)
+        if (file.suffix not in SOURCE_LANGUAGES or not file.is_file() or file.name.endswith(".d.ts")
+                or any(part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts)):
+            continue
+        if file.parent not in beside:
+            config = file.parent / "faas.json"
+            try:
+                beside[file.parent] = json.loads(config.read_text()) if config.is_file() else {}
+            except ValueError as error:
+                raise ClientError(f"{config}: not valid JSON: {error}") from None
+        code = file.read_text(encoding="utf-8")
+        try:
+            settings = {**beside[file.parent].get(file.name, {}), **front_matter(code)}
+        except ValueError as error:
+            raise ClientError(f"{file}: the faas: comment is not a JSON object: {error}") from None
+        if any(key in settings for key in RESERVED_SETTINGS):
+            raise ClientError(f"{file}: settings may not set {', '.join(RESERVED_SETTINGS)}")
+        path = "/".join(part for part in (prefix.strip("/"), relative.with_suffix("").as_posix()) if part)
+        found.append(LocalFunction(path, file, SOURCE_LANGUAGES[file.suffix], code, settings))
+    paths = collections.Counter(function.path for function in found)
+    clashes = sorted(path for path, count in paths.items() if count > 1)
+    if clashes:
+        raise ClientError(f"two files would be the same function: {', '.join(clashes)}")
+    return found
+
+
+def settings_differ(declared: dict[str, Any], latest: dict[str, Any]) -> bool:
+    """Whether a version's reported settings differ from the declared ones. timeout/memory are
+    in its `limits`; other settings are compared when the server reports a field of that name."""
+    limits = latest.get("limits") or {}
+    for key, value in declared.items():
+        if key in ("timeout", "memory"):
+            if limits.get(key) != value:
+                return True
+        elif key in latest and latest[key] != value:
+            return True
+    return False
+
+
+def deploy_plan(remote: Remote, functions: list[LocalFunction], prune: bool,
+                prefix: str) -> tuple[list[tuple[str, LocalFunction]], list[str]]:
+    """[(create|update|unchanged, function)] and the paths --prune deletes."""
+    listed = {f["path"]: f for f in remote.ok("GET", "/functions")["functions"]}
+    plan: list[tuple[str, LocalFunction]] = []
+    for function in functions:
+        known = listed.get(function.path)
+        if known is None:
+            plan.append(("create", function))
+        elif known.get("sha256") != function.sha256:
+            plan.append(("update", function))
+        elif function.settings:
+            versions = remote.ok("GET", "/functions/" + function.path)["versions"]
+            latest = next((v for v in versions if v["version"] == known["latest"]), {})
+            plan.append(("update" if settings_differ(function.settings, latest) else "unchanged", function))
+        else:
+            plan.append(("unchanged", function))
+    scope = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    local = {function.path for function in functions}
+    gone = sorted(path for path in listed if path.startswith(scope) and path not in local) if prune else []
+    return plan, gone
+
+
+def deploy(remote: Remote, root: Path, dry_run: bool, prune: bool, prefix: str) -> int:
+    if not root.is_dir():
+        raise ClientError(f"{root} is not a directory")
+    plan, gone = deploy_plan(remote, local_functions(root, prefix), prune, prefix)
+    failed = 0
+    for action, function in plan:
+        if dry_run or action == "unchanged":
+            print(f"{action if dry_run else 'unchanged':<10} {function.path}")
+            continue
+        body = {**function.settings, "path": function.path, "language": function.language, "code": function.code}
+        status, answer = remote.call("POST", "/upload", body)
+        if status == 200:
+            print(f"{action + 'd':<10} {function.path}  version {answer['version']}", flush=True)
+            continue
+        failed += 1
+        line = answer.get("line") if isinstance(answer, dict) else None
+        where = f"{function.file}:{line}" if line else str(function.file)
+        print(f"{'failed':<10} {function.path}", flush=True)
+        print(f"{where}: {answer.get('error') if isinstance(answer, dict) else answer}", file=sys.stderr, flush=True)
+    for path in gone:
+        if dry_run:
+            print(f"{'delete':<10} {path}")
+            continue
+        status, answer = remote.call("DELETE", "/functions/" + path)
+        if status == 200:
+            print(f"{'deleted':<10} {path}", flush=True)
+        else:
+            failed += 1
+            print(f"{'failed':<10} {path}", flush=True)
+            print(f"{path}: delete failed: {answer.get('error', answer)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def printable(data: Any, kind: str | None) -> str:
+    return data if kind in ("string", "text") and isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+
+
+def report_failure(answer: dict[str, Any]) -> int:
+    """A non-ok call's message (and the user's stack) on stderr: exit status 1."""
+    message = answer.get("error") or answer.get("data") or answer.get("status")
+    line = f" (line {answer['line']})" if answer.get("line") else ""
+    print(f"faas: {answer.get('status', 'error')}: {message}{line}", file=sys.stderr)
+    if answer.get("stack"):
+        print(answer["stack"].rstrip(), file=sys.stderr)
+    return 1
+
+
+def follow_events(response: Any) -> int:
+    """An SSE answer: printed lines to stderr as they arrive, the result to stdout."""
+    exit_code: int | None = None
+    data: list[str] = []
+    for raw in response:
+        text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if text.startswith("data:"):
+            data.append(text[5:].removeprefix(" "))
+            continue
+        if text or not data:
+            continue
+        event = json.loads("\n".join(data))
+        data = []
+        if event.get("event") == "log":
+            print(printable(event.get("data"), event.get("type")), file=sys.stderr, flush=True)
+        elif event.get("event") == "result":
+            print(printable(event.get("data"), event.get("type")), flush=True)
+            exit_code = 0
+        elif event.get("event") == "error":
+            exit_code = report_failure(event)
+    return report_failure({"error": "the stream ended without a result"}) if exit_code is None else exit_code
+
+
+def call(remote: Remote, path: str, given: str | None, version: int | None, stream: bool) -> int:
+    body: dict[str, Any] = {}
+    if given is not None:
+        try:
+            body["input"] = json.loads(sys.stdin.read() if given == "-" else given)
+        except ValueError as error:
+            raise ClientError(f"the input is not JSON: {error}") from None
+    query = f"?version={version}" if version is not None else ""
+    if stream:
+        response = remote.open("POST", f"/run/{path}{query}", {**body, "stream": True}, accept="text/event-stream")
+        if response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
+            return follow_events(response)
+        try:
+            return report_failure({"status": response.status, **json.loads(response.read() or b"{}")})
+        except ValueError:
+            raise ClientError(f"the server answered {response.status} with non-JSON") from None
+    status, answer = remote.call("POST", f"/run/{path}{query}", body)
+    for field in ("stdout", "stderr"):
+        if answer.get(field):
+            sys.stderr.write(answer[field] if answer[field].endswith("\n") else answer[field] + "\n")
+    if status != 200:
+        return report_failure({"status": status, **answer})
+    print(printable(answer.get("data"), answer.get("type")))
+    return 0
+
+
+def list_functions(remote: Remote) -> int:
+    functions = remote.ok("GET", "/functions")["functions"]
+    print(f"{'PATH':<40} {'LANGUAGE':<11} {'LATEST':>11} {'VERSIONS':>8}  UPDATED (UTC)")
+    for f in functions:
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["updated"]))
+        print(f"{f['path']:<40} {f['language']:<11} {f['latest']:>11} {f['versions']:>8}  {updated}")
+    return 0
+
+
+def logs(remote: Remote, call_id: str) -> int:
+    """An async call's printed lines and result, replayed (and followed) from its record."""
+    response = remote.open("GET", f"/calls/{urllib.parse.quote(call_id, safe='')}/events", accept="text/event-stream")
+    if response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
+        return follow_events(response)
+    return report_failure({"status": response.status, **json.loads(response.read() or b"{}")})
+
+
+def run_client(args: Any) -> int:
+    try:
+        remote = Remote(args.url or os.environ.get("FAAS_URL") or "http://127.0.0.1:8080",
+                        os.environ.get("FAAS_TOKEN") or None)
+        if args.command == "deploy":
+            return deploy(remote, Path(args.directory), args.dry_run, args.prune, args.prefix)
+        if args.command == "call":
+            return call(remote, args.path, args.input, args.version, args.stream)
+        if args.command == "logs":
+            return logs(remote, args.id)
+        return list_functions(remote)
+    except ClientError as error:
+        print(f"faas: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 def load_config(overrides: dict[str, str]) -> Config:
     """The environment, over a .env file in the working directory (as go-faas reads it),
     under the command line's flags."""
@@ -2866,9 +3147,31 @@ def parse_args(argv: list[str]) -> Any:
         command.add_argument("--prefix", type=Path, default=Path("/opt/faas"))
         if name == "uninstall":
             command.add_argument("--purge", action="store_true", help="also delete stored functions and settings")
+    add_client_commands(commands)
     args = parser.parse_args(argv)
     args.command = args.command or "serve"
     return args
+
+
+def add_client_commands(commands: Any) -> None:
+    url = {"help": "the server (FAAS_URL, default http://127.0.0.1:8080); the token is FAAS_TOKEN"}
+    deploy = commands.add_parser("deploy", help="upload every *.py/*.js/*.ts under DIR whose code changed")
+    deploy.add_argument("directory", metavar="DIR")
+    deploy.add_argument("--url", **url)
+    deploy.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    deploy.add_argument("--prune", action="store_true", help="delete functions (under --prefix) not in DIR")
+    deploy.add_argument("--prefix", default="", help="deploy DIR's functions under this path")
+    call = commands.add_parser("call", help="call a function: data on stdout, printed lines on stderr")
+    call.add_argument("path")
+    call.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-' reads stdin)")
+    call.add_argument("--version", type=int)
+    call.add_argument("--stream", action="store_true", help="print lines as the function prints them")
+    call.add_argument("--url", **url)
+    ls = commands.add_parser("ls", help="list the functions")
+    ls.add_argument("--url", **url)
+    logs = commands.add_parser("logs", help="an async call's printed lines and result (GET /calls/ID/events)")
+    logs.add_argument("id")
+    logs.add_argument("--url", **url)
 
 
 def main(argv: list[str]) -> int:
@@ -2877,6 +3180,8 @@ def main(argv: list[str]) -> int:
                         format="%(levelname)s %(message)s" if under_journald else
                         "%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return run_client(args)
     if args.command == "install":
         return install(args.prefix.resolve())
     if args.command == "uninstall":
