@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -424,3 +426,22 @@ def test_works_at_each_width_with_screenshots(browser, showcase_server, name):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / shot.name)
     tab.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="faas.py install needs root (and mounts here)")
+def test_install_copies_the_console(tmp_path):
+    """`faas.py install --prefix` copies console/ with faas.py. It runs in its own mount
+    namespace with an overlay on /etc and no /run/systemd, so the host is not touched."""
+    prefix, upper, work = tmp_path / "opt", tmp_path / "etc-upper", tmp_path / "etc-work"
+    upper.mkdir()
+    work.mkdir()
+    script = (f"set -e; mount --make-rprivate /; "
+              f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc; "
+              f"if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; fi; "
+              f"exec {sys.executable} {REPO / 'faas.py'} install --prefix {prefix}")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"-> {prefix / 'console'}" in done.stdout
+    for file in (REPO / "console").iterdir():
+        assert (prefix / "console" / file.name).read_bytes() == file.read_bytes()
+    assert (upper / "systemd/system/faas.service").is_file(), "the unit went to the overlay, not the host"
