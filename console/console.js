@@ -303,7 +303,11 @@ code.addEventListener("keydown", (event) => {
     replaceSelection("\n" + lead, start, end);
   }
 });
-code.addEventListener("input", () => { state.errorLine = null; renderGutter(); });
+code.addEventListener("input", () => {
+  state.errorLine = null;
+  renderGutter();
+  if (state.current && code.value !== state.current.code) $("target").value = "unsaved";   // run what is on screen
+});
 code.addEventListener("scroll", () => { $("gutter").scrollTop = code.scrollTop; });
 
 document.addEventListener("keydown", (event) => {

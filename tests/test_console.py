@@ -266,6 +266,14 @@ def test_upload_error_fix_run_rollback_delete(tab, console_server, uid):
     assert json.loads(page.inner_text("#run-result pre")) == {"n": 1}
     assert f"version {first['latest']}" in page.inner_text("#run-result .facts")
 
+    # editing switches the run panel to the code on screen, which runs without being stored
+    page.fill("#code", 'print("edited")\nreturn "not stored"')
+    assert page.input_value("#target") == "unsaved"
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#run-result .facts:has-text('status ok')")
+    assert page.inner_text("#run-result pre") == "not stored" and log_text(page) == "edited"
+    assert len(assert_ok(function(server, path))["versions"]) == 2
+
     # the code of any version
     page.locator("#versions tbody tr", has_text=str(second["latest"])).locator("button", has_text="Code").click()
     wait_js(page, "document.getElementById('code').value === 'return \"two\"'")
