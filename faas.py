@@ -2959,19 +2959,25 @@ def local_functions(root: Path, prefix: str) -> list[LocalFunction]:
 
 def settings_differ(declared: dict[str, Any], latest: dict[str, Any]) -> bool:
     """Whether a version's reported settings differ from the declared ones. timeout/memory are
-    in its `limits`; other settings are compared when the server reports a field of that name."""
+    in its `limits`; another setting is compared with the field of its name when the server
+    reports one of the same JSON type (or reports it as `{"requested": ...}`). A setting the
+    server does not report comparably counts as unchanged: `deploy --force` uploads anyway."""
     limits = latest.get("limits") or {}
     for key, value in declared.items():
         if key in ("timeout", "memory"):
             if limits.get(key) != value:
                 return True
-        elif key in latest and latest[key] != value:
+            continue
+        reported = latest.get(key)
+        if isinstance(reported, dict) and not isinstance(value, dict) and "requested" in reported:
+            reported = reported["requested"]
+        if reported is not None and type(reported) is type(value) and reported != value:
             return True
     return False
 
 
-def deploy_plan(remote: Remote, functions: list[LocalFunction], prune: bool,
-                prefix: str) -> tuple[list[tuple[str, LocalFunction]], list[str]]:
+def deploy_plan(remote: Remote, functions: list[LocalFunction], prune: bool, prefix: str,
+                force: bool = False) -> tuple[list[tuple[str, LocalFunction]], list[str]]:
     """[(create|update|unchanged, function)] and the paths --prune deletes."""
     listed = {f["path"]: f for f in remote.ok("GET", "/functions")["functions"]}
     plan: list[tuple[str, LocalFunction]] = []
@@ -2979,7 +2985,7 @@ def deploy_plan(remote: Remote, functions: list[LocalFunction], prune: bool,
         known = listed.get(function.path)
         if known is None:
             plan.append(("create", function))
-        elif known.get("sha256") != function.sha256:
+        elif force or known.get("sha256") != function.sha256:
             plan.append(("update", function))
         elif function.settings:
             versions = remote.ok("GET", "/functions/" + function.path)["versions"]
@@ -2993,10 +2999,10 @@ def deploy_plan(remote: Remote, functions: list[LocalFunction], prune: bool,
     return plan, gone
 
 
-def deploy(remote: Remote, root: Path, dry_run: bool, prune: bool, prefix: str) -> int:
+def deploy(remote: Remote, root: Path, dry_run: bool, prune: bool, prefix: str, force: bool = False) -> int:
     if not root.is_dir():
         raise ClientError(f"{root} is not a directory")
-    plan, gone = deploy_plan(remote, local_functions(root, prefix), prune, prefix)
+    plan, gone = deploy_plan(remote, local_functions(root, prefix), prune, prefix, force)
     failed = 0
     for action, function in plan:
         if dry_run or action == "unchanged":
@@ -3111,7 +3117,7 @@ def run_client(args: Any) -> int:
         remote = Remote(args.url or os.environ.get("FAAS_URL") or "http://127.0.0.1:8080",
                         os.environ.get("FAAS_TOKEN") or None)
         if args.command == "deploy":
-            return deploy(remote, Path(args.directory), args.dry_run, args.prune, args.prefix)
+            return deploy(remote, Path(args.directory), args.dry_run, args.prune, args.prefix, args.force)
         if args.command == "call":
             return call(remote, args.path, args.input, args.version, args.stream)
         if args.command == "logs":
@@ -3161,6 +3167,7 @@ def add_client_commands(commands: Any) -> None:
     deploy.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     deploy.add_argument("--prune", action="store_true", help="delete functions (under --prefix) not in DIR")
     deploy.add_argument("--prefix", default="", help="deploy DIR's functions under this path")
+    deploy.add_argument("--force", action="store_true", help="upload every function, changed or not")
     call = commands.add_parser("call", help="call a function: data on stdout, printed lines on stderr")
     call.add_argument("path")
     call.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-' reads stdin)")

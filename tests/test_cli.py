@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import faas
 from tests.helpers import assert_ok
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,6 +140,9 @@ def test_settings_from_faas_json_and_front_matter(cli_server, tmp_path, uid):
     changed = faas_cli(cli_server, "deploy", str(root), "--prefix", uid)
     assert lines(changed) == {f"{uid}/limited": "updated"}, "a settings change alone is an update"
     assert described(cli_server, f"{uid}/limited")["versions"][-1]["limits"] == {"timeout": 5, "memory": "48M"}
+    forced = faas_cli(cli_server, "deploy", str(root), "--prefix", uid, "--force")
+    assert lines(forced) == {f"{uid}/limited": "updated"}, "--force uploads an unchanged function"
+    assert len(described(cli_server, f"{uid}/limited")["versions"]) == 3
 
 
 def test_bad_settings_and_clashing_files_exit_2(cli_server, tmp_path, uid):
@@ -213,3 +217,15 @@ def test_call_stream_prints_lines_as_they_come(cli_server, tmp_path, uid):
         proc.kill()
         proc.wait()
     assert (proc.returncode, out, err) == (0, "42\n", "second\n")
+
+
+def test_settings_differ_compares_what_the_server_reports():
+    latest = {"limits": {"timeout": 5}, "network": "internet", "dependencies": {"requested": ["a==1"], "key": "k"}}
+    assert not faas.settings_differ({"timeout": 5, "network": "internet"}, latest)
+    assert faas.settings_differ({"timeout": 6}, latest)
+    assert faas.settings_differ({"memory": "64M"}, latest), "a limit the version does not have"
+    assert faas.settings_differ({"network": "none"}, latest)
+    assert not faas.settings_differ({"dependencies": ["a==1"]}, latest)
+    assert faas.settings_differ({"dependencies": ["a==2"]}, latest)
+    assert not faas.settings_differ({"libraries": ["x"]}, latest), "not reported: cannot tell (--force)"
+    assert not faas.settings_differ({"network": True}, latest), "reported in another shape: cannot tell"
