@@ -78,6 +78,7 @@ function signIn(message) {
 async function start() {
   const answer = await api("GET", "/functions");
   if (answer.status === 401) return;
+  if (answer.status === 403) return signIn(`${show(answer.body.error)}: the console needs the admin token.`);
   if (answer.status !== 200) {
     $("signin").hidden = false;
     $("signin-error").textContent = `The server answered ${answer.status}: ${show(answer.body.error || answer.body)}`;
@@ -99,8 +100,7 @@ $("signin-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
   $("token").value = "";
-  const answer = await api("GET", "/functions");
-  if (answer.status === 200) start();
+  start();
 });
 
 $("sign-out").addEventListener("click", () => signIn("Signed out."));

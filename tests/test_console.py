@@ -174,6 +174,19 @@ def test_refuses_without_the_token(tab):
     page.wait_for_selector("#signin:not([hidden])")
 
 
+def test_invoke_token_is_not_enough(browser, faas):
+    server = faas.start(store="sqlite", env={"FAAS_TOKEN": TOKEN, "FAAS_INVOKE_TOKEN": "invoke-only-1"})
+    tab = Page(browser, server)
+    try:
+        page = tab.sign_in("invoke-only-1").page
+        page.wait_for_selector("#signin-error:has-text('admin token')")
+        assert page.is_hidden("#view-functions")
+        assert page.evaluate("sessionStorage.length") == 0
+        tab.close()
+    finally:
+        server.stop()
+
+
 def test_no_sign_in_without_a_configured_token(browser, faas):
     server = faas.start(store="sqlite")
     tab = Page(browser, server)
