@@ -2327,7 +2327,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_body(200, self.app.render_metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def get_functions(self) -> None:
-        self.send_json(200, {"functions": [with_sha256(self.app.store, function)
+        self.send_json(200, {"functions": [with_sha256(self.app.invoker, function)
                                            for function in self.app.store.list_functions()]})
 
     def get_console_page(self) -> None:
@@ -2663,11 +2663,15 @@ class Console:
         return self.files[name]
 
 
-def with_sha256(store: Store, function: dict[str, Any]) -> dict[str, Any]:
+def with_sha256(invoker: Invoker, function: dict[str, Any]) -> dict[str, Any]:
     """A function's summary plus its latest code's sha256, so a client (`faas.py deploy`)
-    can tell from one listing which functions changed."""
-    latest = store.get(function["path"], function["latest"])
-    return {**function, "sha256": hashlib.sha256(latest.code.encode()).hexdigest() if latest else None}
+    can tell from one listing which functions changed. The code comes from the invoker's
+    cache of versions when it is there; a function deleted meanwhile gets None."""
+    try:
+        latest = invoker.resolve(function["path"], function["latest"])
+    except ApiError:
+        return {**function, "sha256": None}
+    return {**function, "sha256": hashlib.sha256(latest.code.encode()).hexdigest()}
 
 
 # ==========================================================================================
