@@ -450,8 +450,9 @@ function sparkline(values) {
   g.strokeStyle = "#2b6cb0";
   g.lineWidth = 1.5;
   g.beginPath();
-  values.forEach((v, i) => {
-    const x = values.length > 1 ? (i * 118) / (values.length - 1) + 1 : 60;
+  const points = values.length > 1 ? values : [values[0] || 0, values[0] || 0];   // one sample: a level line
+  points.forEach((v, i) => {
+    const x = (i * 118) / (points.length - 1) + 1;
     const y = 22 - (v / max) * 20;
     if (i) g.lineTo(x, y); else g.moveTo(x, y);
   });

@@ -229,3 +229,17 @@ def test_settings_differ_compares_what_the_server_reports():
     assert faas.settings_differ({"dependencies": ["a==2"]}, latest)
     assert not faas.settings_differ({"libraries": ["x"]}, latest), "not reported: cannot tell (--force)"
     assert not faas.settings_differ({"network": True}, latest), "reported in another shape: cannot tell"
+
+
+def test_functions_list_reports_the_latest_code_sha256(server, uid):
+    """On both stores: what `deploy` compares its files with."""
+    import hashlib
+    code = 'return "sha"\n'
+    server.upload(f"{uid}/a", "python", "return 1")
+    server.upload(f"{uid}/a", "python", code)
+    listed = {f["path"]: f for f in assert_ok(server.get("/functions"))["functions"]}
+    assert listed[f"{uid}/a"]["sha256"] == hashlib.sha256(code.encode()).hexdigest()
+    versions = assert_ok(server.get(f"/functions/{uid}/a"))["versions"]
+    assert_ok(server.request("PATCH", f"/functions/{uid}/a", {"latest": versions[0]["version"]}))
+    listed = {f["path"]: f for f in assert_ok(server.get("/functions"))["functions"]}
+    assert listed[f"{uid}/a"]["sha256"] == versions[0]["sha256"], "follows a roll back"

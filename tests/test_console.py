@@ -382,6 +382,9 @@ def test_health_and_calls_feature_detection(tab, console_server, uid):
     assert "ok 3" in row.inner_text()
     assert re.search(r"\d ms", row.locator("td").nth(2).inner_text())
     assert row.locator("canvas.spark").count() == 1
+    drawn = row.locator("canvas.spark").evaluate(
+        "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0)")
+    assert drawn, "the sparkline is drawn"
     assert page.inner_text("#health-badge") == "ok"
     assert "runs in flight" in page.inner_text("#health")
     calls_route = console_server.get("/calls", headers=AUTH).status
@@ -446,6 +449,9 @@ def test_works_at_each_width_with_screenshots(browser, showcase_server, name):
     if os.environ.get("FAAS_DOCS_SCREENSHOTS") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / shot.name)
+    page.click("[data-view=health]")
+    page.wait_for_selector("#per-function td.path:text-is('examples/hello')")
+    page.screenshot(path=str(ARTIFACTS / f"console-health-{name}.png"), full_page=True)
     tab.close()
 
 
