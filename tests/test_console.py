@@ -472,3 +472,20 @@ def test_install_copies_the_console(tmp_path):
     for file in (REPO / "console").iterdir():
         assert (prefix / "console" / file.name).read_bytes() == file.read_bytes()
     assert (upper / "systemd/system/faas.service").is_file(), "the unit went to the overlay, not the host"
+
+
+def test_csp_blocks_requests_to_other_origins(tab):
+    """A script in the page (as injected code would be) cannot reach another origin: the
+    CSP refuses before any packet leaves (the address is loopback anyway, should it not)."""
+    page = tab.sign_in().page
+    violations = page.evaluate("""async () => {
+        const seen = [];
+        document.addEventListener('securitypolicyviolation', e => seen.push(e.effectiveDirective));
+        let failed = false;
+        try { await fetch('http://127.0.0.2:9/steal'); } catch (e) { failed = true; }
+        const img = new Image(); img.src = 'http://127.0.0.2:9/pixel.png';
+        await new Promise(resolve => setTimeout(resolve, 300));
+        return {seen, failed};
+    }""")
+    assert violations["failed"] and set(violations["seen"]) == {"connect-src", "img-src"}, violations
+    tab.errors = [e for e in tab.errors if "127.0.0.2" not in e]
