@@ -151,6 +151,7 @@ function newFunction() {
   $("delete-function").hidden = true;
   $("versions-box").hidden = true;
   $("upload-message").textContent = "";
+  $("function-settings").textContent = "";
   renderTargets();
   renderFunctions(state.functions);
   $("path").focus();
@@ -174,13 +175,18 @@ async function openFunction(path, version) {
   setCode(f.code);
   $("delete-function").hidden = false;
   message("upload-message", `Showing version ${f.version}${f.version === f.latest ? " (latest)" : ""}.`);
+  $("function-settings").textContent = settings(f, FUNCTION_FIELDS);
   renderVersions(f);
   renderTargets();
   renderFunctions(state.functions);
 }
 
-function settings(version) {
-  const known = new Set(["version", "language", "size", "sha256", "created"]);
+const FUNCTION_FIELDS = ["path", "language", "latest", "versions", "updated", "version", "code", "sha256"];
+const VERSION_FIELDS = ["version", "language", "size", "sha256", "created"];
+
+/** The fields beyond the known ones (limits, libraries, network, secret names...) as text. */
+function settings(version, known = VERSION_FIELDS) {
+  known = new Set(known);
   const parts = [];
   for (const [key, value] of Object.entries(version)) {
     if (known.has(key) || value === null || value === undefined || value === false) continue;

@@ -341,6 +341,19 @@ def test_filter_and_list(tab, console_server, uid):
     wait_js(page, "document.querySelectorAll('#functions tbody tr').length === 1")
 
 
+def test_versions_show_their_settings(tab, console_server, uid):
+    r = console_server.post("/upload", {"path": f"{uid}/limited", "language": "python", "code": "return 1",
+                                        "timeout": 5, "memory": "64M"}, headers=AUTH)
+    version = assert_ok(r)["version"]
+    page = tab.sign_in().page
+    page.click(f"#functions td.path:text-is('{uid}/limited')")
+    row = page.locator("#versions tbody tr", has_text=str(version))
+    row.wait_for()
+    cells = row.locator("td").all_inner_texts()
+    assert cells[4] == "limits: timeout=5, memory=64M", cells
+    assert cells[2] == "8 B" and len(cells[3]) == 12, cells
+
+
 def test_user_data_is_rendered_as_text(tab, console_server, uid):
     path = f"{uid}/x-script-img"
     code = (f"# {XSS}\nprint({XSS!r})\nimport sys\nprint({XSS!r}, file=sys.stderr)\n"
