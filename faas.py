@@ -1554,7 +1554,8 @@ class Sandbox:
         outcome.usage = cgroup.usage()
         if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
             outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
-        if code not in (None, 0) and outcome.result is None:
+        if code not in (None, 0) and outcome.result is None and outcome.status != "timeout":
+            # a deadline shorter than the gate's start kills it before it joins: a timeout
             outcome.joined = cgroup.joined()
         cgroup.remove()
 

@@ -719,6 +719,18 @@ class TestLimits:
         assert "before the loop" in body["stdout"], body
         answer(s.run_now("python", "return 'alive'"), "alive", "string")
 
+    def test_a_deadline_shorter_than_the_sandbox_start_is_a_timeout(self, faas):
+        """A cold sandbox killed before its gate joined the run's cgroups timed out: it is
+        not the server failing to place it (once a 500 'could not join its cgroups')."""
+        s = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
+        try:
+            for lang in ["python", "javascript"] * 10:
+                body = assert_error(s.run_now(lang, "return 1", timeout=5e-324), 504)
+                assert body["status"] == "timeout", body
+            answer(s.run_now("python", "return 'alive'"), "alive", "string")
+        finally:
+            s.stop()
+
     def test_timeout_streamed(self, limited_server, uid):
         s = limited_server
         s.upload(f"{uid}/loop", "python", "print('tick')\nwhile True:\n    pass")
