@@ -17,6 +17,8 @@
  *   {"ok": false, "error": {"type", "message", "stack", "line"}}; then the process exits
  *   at once, without waiting for timers the function left behind.
  * - --check only compiles the wrapped source and writes {"ok": true} or the error.
+ * - "layer" in the request (a version with libraries): /tmp/node_modules becomes a link to
+ *   its node_modules, so require() and import() find them.
  * - --cold: the request is already waiting (no pool started this process ahead of the
  *   call), so nothing is prepared ahead that the call may not need.
  *
@@ -271,6 +273,11 @@ process.on('beforeExit', () => settle(errorResult(
   Object.assign(new Error('the function never returned: its promise was never settled'), { stack: '' }))));
 
 process.argv = [process.argv[0], FILE];
+if (req.layer) {
+  // The version's libraries: node_modules beside the function file serves both require()
+  // and import() (ESM resolution ignores module.paths and NODE_PATH). /tmp is the run's own.
+  fs.symlinkSync(req.layer + '/node_modules', path.join(path.dirname(FILE), 'node_modules'));
+}
 const event = req.event === undefined ? null : req.event;
 Promise.resolve()
   .then(() => {

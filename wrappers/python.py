@@ -15,6 +15,8 @@ Protocol (see DESIGN.md, "Wrapper protocol"):
   {"ok": true, "value": v} ("value" absent when the function returned None) or
   {"ok": false, "error": {"type", "message", "stack", "line"}}.
 - --check only compiles (the same transform) and writes {"ok": true} or the error.
+- "layer" in the request (a version with libraries): its site/ directory is added with
+  site.addsitedir (after the standard library, .pth files processed) before the code runs.
 - --cold (the request is already waiting) changes nothing here: this wrapper prepares
   nothing ahead that a call might not need.
 """
@@ -246,6 +248,10 @@ def main(argv):
     code = USER_CODE = request["code"]
     event = request.get("event")
     sys.argv = [FILENAME]
+    layer = request.get("layer")
+    if layer:  # the version's libraries, a read-only tree the server bound into the sandbox
+        import site
+        site.addsitedir(layer + "/site")
 
     try:
         code_obj, is_async = build(code)
