@@ -670,6 +670,7 @@ class DepsConfig:
     find_links: str
     no_index: bool
     npm_registry: str
+    directory: Path | None   # FAAS_DEPS_DIR; None: <data dir>/deps (see layer_store_root)
 
     @classmethod
     def from_env(cls, get: Callable[..., str]) -> "DepsConfig":
@@ -696,7 +697,26 @@ class DepsConfig:
             find_links=str(Path(find_links).resolve()) if find_links and "://" not in find_links else find_links,
             no_index=get("FAAS_DEPS_NO_INDEX").lower() in ("1", "true", "yes"),
             npm_registry=get("FAAS_DEPS_NPM_REGISTRY"),
+            directory=Path(get("FAAS_DEPS_DIR")).resolve() if get("FAAS_DEPS_DIR") else None,
         )
+
+
+def world_traversable(path: Path) -> bool:
+    """Whether any uid can walk down to path (bwrap resolves a bind source as the sandbox
+    user): every existing ancestor has the x bit for others."""
+    return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents) if p.exists())
+
+
+def layer_store_root(config: Config) -> Path:
+    """Where layers live: FAAS_DEPS_DIR, else `<data dir>/deps`. A data dir the sandbox user
+    cannot reach (a checkout under a 0700 home, run as root) gets its layers under
+    /var/cache/faas instead: they are a disposable cache, the locks stay in the store."""
+    if config.deps.directory is not None:
+        return config.deps.directory
+    default = config.data_dir.resolve() / "deps"
+    if os.geteuid() != 0 or world_traversable(default):
+        return default
+    return Path("/var/cache/faas") / hashlib.sha256(str(default).encode()).hexdigest()[:16]
 
 
 def canonical_name(name: str) -> str:
@@ -872,7 +892,7 @@ class Layers:
     def __init__(self, config: Config, metrics: "Metrics | None" = None, serving: bool = False) -> None:
         self.config = config
         self.deps = config.deps
-        self.root = config.data_dir.resolve() / "deps"
+        self.root = layer_store_root(config)
         self.layers = self.root / "layers"
         self.tmp = self.root / "tmp"
         self.used = self.root / "used"
@@ -896,11 +916,12 @@ class Layers:
         os.chmod(self.used, 0o700)
         for leftover in self.tmp.iterdir() if serving else []:   # what a crash interrupted
             shutil.rmtree(leftover, ignore_errors=True)
-        blocked = [str(p) for p in (self.root, *self.root.parents) if not os.stat(p).st_mode & 0o001]
-        if blocked and os.geteuid() == 0:
-            LOG.error("libraries disabled: the sandbox user cannot reach %s (%s is not world-"
-                      "traversable; chmod o+x it or set FAAS_DATA_DIR elsewhere)", self.layers, blocked[0])
+        if os.geteuid() == 0 and not world_traversable(self.root):
+            LOG.error("libraries disabled: the sandbox user cannot reach %s (a directory above it is "
+                      "not world-traversable; chmod o+x it or set FAAS_DEPS_DIR elsewhere)", self.layers)
             return False
+        if serving:
+            LOG.info("library layers in %s", self.layers)
         return True
 
     def tag(self, kind: str) -> str:
@@ -3402,7 +3423,7 @@ def library_dependencies(config: Config) -> list[Dependency]:
         return [Dependency("libraries", True, "off (FAAS_DEPS=off)", "", None, required=False)]
     pip = version_of([RUNTIMES["python"].interpreter, "-m", "pip", "--version"])
     npm = shutil.which("npm")
-    layers = config.data_dir.resolve() / "deps" / "layers"
+    layers = layer_store_root(config) / "layers"
     count = len([p for p in layers.iterdir() if (p / "faas-layer.json").is_file()]) if layers.is_dir() else 0
     size = sum(int(json.loads((p / "faas-layer.json").read_text()).get("size", 0))
                for p in layers.iterdir() if (p / "faas-layer.json").is_file()) if layers.is_dir() else 0

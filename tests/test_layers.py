@@ -338,6 +338,25 @@ def test_functions_without_libraries_are_unchanged(lserver, uid):
     assert answer["data"] == 1 and "deps_build_ms" not in answer
 
 
+def test_unreachable_data_dir_puts_layers_in_var_cache(faas, space, wheels):
+    """As root with a data dir below a 0700 directory (a checkout in root's home), the
+    sandbox user could not reach <data dir>/deps: the layers go to /var/cache/faas."""
+    private = Path(tempfile.mkdtemp(prefix="faas-layers-private-"))
+    private.chmod(0o700)
+    s = faas.start(store="sqlite", env=deps_env(space, "unused", FAAS_DATA_DIR=private / "data", FAAS_POOL_SIZE="0"))
+    try:
+        assert_ok(s.post("/upload", {"path": "p/dep", "language": "python", "requirements": ["faasdep"],
+                                     "code": "import faasdep\nreturn faasdep.VALUE"}, timeout=120))
+        assert assert_ok(s.run("p/dep"))["data"] == 41
+        line = next(line for line in s.stderr_text().splitlines() if "library layers in " in line)
+        store = Path(line.split("library layers in ")[1]).parent
+        assert store.parent == Path("/var/cache/faas"), line
+    finally:
+        s.stop()
+        shutil.rmtree(private, ignore_errors=True)
+    shutil.rmtree(store)
+
+
 # --------------------------------------------------------------------------- refusals
 
 class Listener:
