@@ -671,6 +671,8 @@ class DepsConfig:
     no_index: bool
     npm_registry: str
     directory: Path | None   # FAAS_DEPS_DIR; None: <data dir>/deps (see layer_store_root)
+    warm: int                # pre-started sandboxes per called layer, its modules imported
+    warm_layers: int         # layers that may have them at once (least recently called go)
 
     @classmethod
     def from_env(cls, get: Callable[..., str]) -> "DepsConfig":
@@ -698,6 +700,8 @@ class DepsConfig:
             no_index=get("FAAS_DEPS_NO_INDEX").lower() in ("1", "true", "yes"),
             npm_registry=get("FAAS_DEPS_NPM_REGISTRY"),
             directory=Path(get("FAAS_DEPS_DIR")).resolve() if get("FAAS_DEPS_DIR") else None,
+            warm=parse_number("FAAS_DEPS_WARM", get("FAAS_DEPS_WARM", "1"), int, 0, 16),
+            warm_layers=parse_number("FAAS_DEPS_WARM_LAYERS", get("FAAS_DEPS_WARM_LAYERS", "4"), int, 1, 64),
         )
 
 
@@ -903,6 +907,10 @@ class Layers:
         self.key_locks_lock = threading.Lock()
         self.touched: dict[str, float] = {}
         self.tags: dict[str, str] = {}
+        self.pool: Pool | None = None   # set by App: warm sandboxes per called layer
+        self.warm: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
+        self.warm_lock = threading.Lock()
+        self.modules: dict[tuple[str, str], tuple[str, ...]] = {}
         self.available = self.deps.enabled and self.prepare_dirs(serving)
 
     def prepare_dirs(self, serving: bool) -> bool:
@@ -1213,6 +1221,71 @@ class Layers:
             yield
         finally:
             os.close(fd)
+
+    # -- warm imports -----------------------------------------------------------------------
+    def warm_argv(self, runtime: Runtime, deps: dict[str, Any], code: str) -> tuple[str, ...] | None:
+        """The pool entry of this version's warm sandboxes: its interpreter started with the
+        layer added and the layer's modules the code imports already imported. Registered
+        on the first call; at most FAAS_DEPS_WARM_LAYERS of them, least recently called
+        dropped. None when there is nothing worth preloading."""
+        if not self.deps.warm or self.pool is None:
+            return None
+        modules = self.preload_modules(deps, code)
+        if not modules:
+            return None
+        argv = (*runtime.argv, f"--layer={LAYERS_IN_SANDBOX}/{deps['key']}", "--preload=" + ",".join(modules))
+        with self.warm_lock:
+            known = argv in self.warm
+            self.warm[argv] = None
+            self.warm.move_to_end(argv)
+            dropped = []
+            while len(self.warm) > self.deps.warm_layers:
+                dropped.append(self.warm.popitem(last=False)[0])
+        for old in dropped:
+            self.pool.remove(old)
+        if not known:
+            self.pool.add(argv, self.deps.warm)
+        return argv
+
+    def preload_modules(self, deps: dict[str, Any], code: str) -> tuple[str, ...]:
+        """Top-level modules of the layer that the code imports (Python), or requested
+        packages it requires or imports (Node); remembered per layer and code."""
+        cache_key = (deps["key"], hashlib.sha256(code.encode()).hexdigest())
+        if cache_key not in self.modules:
+            if len(self.modules) > 1024:
+                self.modules.clear()
+            if deps["kind"] == "pip":
+                imported = set()
+                for match in re.finditer(r"(?m)^\s*(?:from\s+([A-Za-z_]\w*)|import\s+([A-Za-z_][\w.]*(?:\s*,\s*[A-Za-z_][\w.]*)*))", code):
+                    names = [match.group(1)] if match.group(1) else match.group(2).split(",")
+                    imported.update(name.strip().split(".")[0] for name in names)
+                found = sorted(imported & self.top_level_modules(deps["key"]))
+            else:
+                found = sorted(name for name in deps["requested"] if re.search(
+                    r"""(?:require|import)\s*\(\s*['"]""" + re.escape(name) + r"""['"]|from\s+['"]""" + re.escape(name) + r"""['"]""", code))
+            self.modules[cache_key] = tuple(found[:16])
+        return self.modules[cache_key]
+
+    def top_level_modules(self, key: str) -> set[str]:
+        try:
+            entries = os.listdir(self.path(key) / "site")
+        except OSError:
+            return set()
+        return {entry.split(".")[0] for entry in entries
+                if not entry.endswith((".dist-info", ".libs", ".pth")) and entry not in ("__pycache__", "bin")
+                and re.fullmatch(r"[A-Za-z_]\w*", entry.split(".")[0])}
+
+    def describe(self) -> dict[str, Any]:
+        """/healthz: the layer store and the warm sandboxes of called layers."""
+        count, size = self.totals()
+        warm = {}
+        if self.pool is not None:
+            with self.pool.lock:
+                for argv in list(self.warm):
+                    if argv in self.pool.stats:
+                        warm[f"{argv[-2].rsplit('/', 1)[-1][:12]} {argv[-1][10:]}"] = self.pool.describe_one(argv)
+        return {"enabled": self.deps.enabled, "available": self.available, "layers": count, "bytes": size,
+                "warm": warm}
 
     # -- operator commands -------------------------------------------------------------------
     def listing(self, referenced: dict[str, int]) -> list[dict[str, Any]]:
@@ -2320,6 +2393,7 @@ class Pool:
         self.idle: dict[tuple[str, ...], list[Started]] = {argv: [] for argv in sizes}
         self.stats = {argv: {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0} for argv in sizes}
         self.lock = threading.Lock()
+        self.extra: set[tuple[str, ...]] = set()   # added later (layers' warm sandboxes)
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.memory_available = Every(1.0, memory_available)
@@ -2334,7 +2408,8 @@ class Pool:
             return None
         while True:
             with self.lock:
-                started = self.idle[argv].pop(0) if self.idle[argv] else None
+                idle = self.idle.get(argv)
+                started = idle.pop(0) if idle else None
             if started is None or reap(started.proc, 0)[0] is None:
                 break
             if not self.sandbox.discard(started).joined:   # died while idle: try the next one
@@ -2342,11 +2417,36 @@ class Pool:
         if started is not None and limits.memory != started.limits.memory \
                 and not started.cgroup.lower_memory(limits.memory):
             with self.lock:
-                self.idle[argv].insert(0, started)   # fine for the next call; this one goes cold
+                self.idle.get(argv, []).insert(0, started)   # fine for the next call; this one goes cold
             started = None
         with self.lock:
-            self.stats[argv]["hits" if started else "misses"] += 1
+            if argv in self.stats:
+                self.stats[argv]["hits" if started else "misses"] += 1
         return started
+
+    def add(self, argv: tuple[str, ...], size: int) -> None:
+        """Pre-start `size` sandboxes of another argv from now on (a library layer's warm
+        interpreters); `remove` stops and ends them."""
+        with self.lock:
+            if argv in self.sizes:
+                return
+            self.sizes[argv] = size
+            self.idle[argv] = []
+            self.stats[argv] = {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0}
+            self.extra.add(argv)
+        if not self.thread.is_alive() and not self.closing.is_set():
+            with contextlib.suppress(RuntimeError):   # started by a concurrent add
+                self.thread.start()
+        self.wake.set()
+
+    def remove(self, argv: tuple[str, ...]) -> None:
+        with self.lock:
+            self.sizes.pop(argv, None)
+            self.stats.pop(argv, None)
+            self.extra.discard(argv)
+            victims = self.idle.pop(argv, [])
+        for started in victims:
+            self.sandbox.discard(started)
 
     def refill(self) -> None:
         """Called once a call has its answer: a spawn started while a call runs slows that
@@ -2368,9 +2468,13 @@ class Pool:
                 self.closing.wait(1.0)
                 continue
             with self.lock:
-                self.idle[argv].append(started)
-                self.stats[argv]["started"] += 1
-                self.stats[argv]["spawn_ms_total"] += started.spawn_ms
+                removed = argv not in self.idle
+                if not removed:
+                    self.idle[argv].append(started)
+                    self.stats[argv]["started"] += 1
+                    self.stats[argv]["spawn_ms_total"] += started.spawn_ms
+            if removed:
+                self.sandbox.discard(started)
 
     def next_to_fill(self) -> tuple[str, ...] | None:
         """The emptiest pool below its size, unless memory is short: then shrink instead."""
@@ -2399,11 +2503,14 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         with self.lock:
-            return {pool_name(argv): {
-                "size": self.sizes[argv], "idle": len(self.idle[argv]), "hits": stats["hits"],
+            return {pool_name(argv): self.describe_one(argv)
+                    for argv in self.stats if argv not in self.extra}
+
+    def describe_one(self, argv: tuple[str, ...]) -> dict[str, Any]:
+        stats = self.stats[argv]
+        return {"size": self.sizes[argv], "idle": len(self.idle[argv]), "hits": stats["hits"],
                 "misses": stats["misses"], "started": stats["started"],
                 "spawn_ms_avg": round(stats["spawn_ms_total"] / stats["started"], 2) if stats["started"] else None}
-                for argv, stats in self.stats.items()}
 
     def close(self) -> None:
         self.closing.set()
@@ -2694,7 +2801,8 @@ class Invoker:
             with self.slots:
                 if on_start is not None:
                     on_start()
-                outcome = self.run_sandboxed(runtime.argv, request, limits, sink)
+                outcome = self.run_sandboxed(runtime.argv, request, limits, sink,
+                                             self.layers.warm_argv(runtime, deps, code) if deps else None)
         except BaseException:
             holding.__exit__(None, None, None)
             raise
@@ -2716,9 +2824,10 @@ class Invoker:
         return status, answer, after_answer
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
-                      sink: LineSink | None) -> Outcome:
-        """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
-        started = self.pool.take(argv, limits)
+                      sink: LineSink | None, warm: tuple[str, ...] | None = None) -> Outcome:
+        """A pre-started sandbox when the pool has one (one that already imported the
+        version's libraries first), else a cold one: never a wait."""
+        started = (self.pool.take(warm, limits) if warm else None) or self.pool.take(argv, limits)
         if started is None:
             started = self.sandbox.start([*argv, "--cold"], limits)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
@@ -3273,6 +3382,7 @@ class App:
         pool_sizes = {runtime.argv: config.pool_sizes[pool_name(runtime.argv)] for runtime in RUNTIMES.values()
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
+        self.layers.pool = self.pool
         self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
@@ -3296,7 +3406,7 @@ class App:
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
                          for name, rt in RUNTIMES.items()},
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
-            "max_runs": self.config.max_runs, "pool": self.pool.describe(),
+            "max_runs": self.config.max_runs, "pool": self.pool.describe(), "libraries": self.layers.describe(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 

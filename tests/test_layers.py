@@ -175,6 +175,8 @@ def wheels(space):
     make_wheel(wh, "faasgc", "1.0", "X = 1\n")
     make_wheel(wh, "faasmiss", "1.0", "X = 'rebuilt'\n")
     make_wheel(wh, "faasredis", "1.0", "X = 'from-lock'\n")
+    # Imported before the wrapper read its request (a warm sandbox) or while the call runs.
+    make_wheel(wh, "faaswarm", "1.0", "import __main__\nBEFORE_REQUEST = __main__.USER_CODE is None\n")
     make_wheel(wh, "faasbig", "1.0", "X = 1\n", files={f"faasbig_data/part{i}.bin": os.urandom(100_000)
                                                      for i in range(20)})
     return wh
@@ -190,6 +192,7 @@ def registry(space):
                      "install": f"touch {space}/npm-install-ran"})
     reg.add("faas-deep", "1.0.0", {"index.js": "module.exports = require('faas-cjs').twice(21);\n"},
             dependencies={"faas-cjs": "^1.0.0"})
+    reg.add("faas-warm", "1.0.0", {"index.js": "module.exports = process.argv.some((a) => a.startsWith('--preload='));\n"})
     reg.add("faas-slow", "1.0.0", {"index.js": "module.exports = 1;\n"})
     reg.stall.add("faas-slow")
     reg.add("faas-huge", "1.0.0", {"index.js": "module.exports = 1;\n",
@@ -297,13 +300,55 @@ return [faasshared.NAME, listed, wrote, b'PIP_' in env or b'npm_' in env or b'FA
 
 
 def test_a_library_function_still_takes_pre_started_sandboxes(lserver, uid):
-    assert_ok(upload(lserver, f"{uid}/p", "python", "import faasdep\nreturn faasdep.VALUE",
+    """Every sandbox has the layer store bound, so the interpreter pool serves library
+    functions too (this one imports nothing by an import statement: no warm sandboxes)."""
+    assert_ok(upload(lserver, f"{uid}/p", "python", "return __import__('faasdep').VALUE",
                      requirements=["faasdep==1.0"]))
     before = lserver.get("/healthz").body["pool"]["python"]["hits"]
     for _ in range(3):
         assert wait_until(lambda: lserver.get("/healthz").body["pool"]["python"]["idle"] >= 1, timeout=10)
         assert assert_ok(lserver.run(f"{uid}/p"))["data"] == 41
     assert lserver.get("/healthz").body["pool"]["python"]["hits"] >= before + 3
+
+
+def warm_state(server, key):
+    warm = server.get("/healthz").body["libraries"]["warm"]
+    return next((state for name, state in warm.items() if name.startswith(key[:12])), None)
+
+
+@pytest.mark.parametrize("language,code,fields", [
+    ("python", "import faaswarm\nreturn faaswarm.BEFORE_REQUEST", {"requirements": ["faaswarm"]}),
+    ("javascript", "return require('faas-warm')", {"dependencies": {"faas-warm": "1.0.0"}}),
+])
+def test_called_layers_get_warm_sandboxes_with_their_modules_imported(lserver, uid, language, code, fields):
+    body = assert_ok(upload(lserver, f"{uid}/warm", language, code, **fields))
+    key = body["dependencies"]["key"]
+    assert warm_state(lserver, key) is None   # only for functions being called
+    assert assert_ok(lserver.run(f"{uid}/warm"))["data"] is False   # imported by the call itself
+    for _ in range(3):   # each warm sandbox serves one call, then a fresh one is started
+        assert wait_until(lambda: (warm_state(lserver, key) or {}).get("idle") == 1, timeout=20), \
+            lserver.get("/healthz").body["libraries"]
+        assert assert_ok(lserver.run(f"{uid}/warm"))["data"] is True
+    state = warm_state(lserver, key)
+    assert state["hits"] >= 3 and state["size"] == 1, state
+    # A call that lowers its memory still works (a warm sandbox is lowered, or it goes cold).
+    assert wait_until(lambda: (warm_state(lserver, key) or {}).get("idle") == 1, timeout=20)
+    assert assert_ok(lserver.run(f"{uid}/warm", memory="64M"))["data"] in (True, False)
+
+
+def test_warm_sandboxes_are_bounded_per_layer_count(faas, space, wheels, uid):
+    s = faas.start(store="sqlite", env=deps_env(space, "warm", FAAS_DEPS_WARM_LAYERS="1", FAAS_POOL_SIZE="0"))
+    try:
+        keys = []
+        for name in ("faaswarm", "faasshared"):
+            body = assert_ok(upload(s, f"{uid}/{name}", "python", f"import {name}\nreturn 1", requirements=[name]))
+            keys.append(body["dependencies"]["key"])
+            assert assert_ok(s.run(f"{uid}/{name}"))["data"] == 1
+        assert wait_until(lambda: warm_state(s, keys[1]) and warm_state(s, keys[1])["idle"] == 1, timeout=20)
+        assert warm_state(s, keys[0]) is None
+        assert len(s.get("/healthz").body["libraries"]["warm"]) == 1
+    finally:
+        s.stop()
 
 
 def test_thread_variables_follow_the_cpu_limit(lserver, uid):
