@@ -884,6 +884,7 @@ class LayerInfo:
     cached: bool
     build_ms: int
     size: int
+    resolve_ms: int = 0
 
 
 class Layers:
@@ -962,7 +963,8 @@ class Layers:
         tag = self.tag(requested.kind)
         if not tag:
             raise ApiError(503, f"{'python3' if requested.kind == 'pip' else 'node'} is not usable for libraries")
-        deadline = time.monotonic() + self.deps.timeout
+        began = time.monotonic()
+        deadline = began + self.deps.timeout
         with self.staging() as work:
             if requested.kind == "pip":
                 lock, pins = self.resolve_pip(work, requested, deadline)
@@ -973,7 +975,8 @@ class Layers:
                                 f"limit of {self.deps.max_packages} (FAAS_DEPS_MAX_PACKAGES)")
         record = {"kind": requested.kind, "requested": requested.as_json(), "lock": lock,
                   "packages": pins, "tag": tag, "key": layer_key(tag, lock)}
-        return record, self.ensure(record, deadline)
+        resolve_ms = int((time.monotonic() - began) * 1000)
+        return record, dataclasses.replace(self.ensure(record, deadline), resolve_ms=resolve_ms)
 
     def ensure(self, record: dict[str, Any], deadline: float | None = None) -> LayerInfo:
         """The record's layer, built from its lock when this node lacks it."""
@@ -1046,7 +1049,7 @@ class Layers:
             os.chmod(work / ".npmrc", 0o644)
 
     def run_phase(self, work: Path, script: str, net: bool, deadline: float, what: str,
-                  watch: Path | None = None) -> Outcome:
+                  watch: tuple[Path, ...] = ()) -> Outcome:
         """One build step in a sandbox: the run sandbox's flags plus the staging dir at
         /out, network only when `net`. Killed at the deadline or when `watch` grows past
         FAAS_DEPS_MAX_SIZE."""
@@ -1061,7 +1064,7 @@ class Layers:
         started = self.sandbox.start(["/bin/sh", "-c", script], limits, result_fd=False, base=base)
         too_big = threading.Event()
         done = threading.Event()
-        if watch is not None:
+        if watch:
             threading.Thread(target=self.watch_size, args=(watch, started, too_big, done), daemon=True).start()
         try:
             outcome = self.sandbox.complete(started, b"", limits, None, since=started.born)
@@ -1069,7 +1072,7 @@ class Layers:
             done.set()
         output = bytes(outcome.stderr[-4096:] + outcome.stdout[-4096:])
         if too_big.is_set() or outcome.signal == signal.SIGXFSZ or b"[Errno 27]" in output or b"EFBIG" in output \
-                or (watch and tree_size(watch) > self.deps.max_size):
+                or sum(map(tree_size, watch)) > self.deps.max_size:
             raise BuildFailed(400, f"the libraries are too large: over {self.deps.max_size} bytes "
                                    "installed (FAAS_DEPS_MAX_SIZE)")
         if outcome.status == "timeout":
@@ -1079,9 +1082,10 @@ class Layers:
             raise BuildFailed(500, f"{what} ran out of memory (FAAS_DEPS_MEMORY={self.deps.memory} bytes)")
         return outcome
 
-    def watch_size(self, path: Path, started: Started, too_big: threading.Event, done: threading.Event) -> None:
+    def watch_size(self, paths: tuple[Path, ...], started: Started, too_big: threading.Event,
+                   done: threading.Event) -> None:
         while not done.wait(0.5):
-            if tree_size(path) > self.deps.max_size:
+            if sum(map(tree_size, paths)) > self.deps.max_size:
                 too_big.set()
                 started.cgroup.kill()
                 return
@@ -1179,10 +1183,11 @@ class Layers:
         # Offline: install from the downloaded wheels, then compile bytecode that stays
         # valid on a read-only tree (unchecked-hash: mtimes do not matter).
         outcome = self.run_phase(work, (
-            f"cd {out} && export PIP_CONFIG_FILE={out}/pip.conf && {pip} install -q --no-index --find-links {out}/wheels --only-binary :all: --no-deps "
+            f"cd {out} && mkdir tmp && export PIP_CONFIG_FILE={out}/pip.conf TMPDIR={out}/tmp && "
+            f"{pip} install -q --no-index --find-links {out}/wheels --only-binary :all: --no-deps "
             f"--require-hashes --no-compile --target {out}/layer/site -r {out}/lock.txt && exec /usr/bin/python3 "
             f"-m compileall -q -j 1 --invalidation-mode unchecked-hash {out}/layer/site"),
-            False, deadline, "installing", watch=work / "layer")
+            False, deadline, "installing", watch=(work / "layer", work / "tmp"))
         if outcome.exit_code != 0:
             raise BuildFailed(500, "installing the libraries failed",
                               output=tail(outcome.stderr.decode("utf-8", "replace")))
@@ -1195,7 +1200,7 @@ class Layers:
         outcome = self.run_phase(work, (
             f"cd {BUILD_DIR_IN_SANDBOX} && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && "
             f"exec mv node_modules package.json package-lock.json layer/"), True, deadline, "installing",
-            watch=work / "node_modules")
+            watch=(work / "node_modules",))
         if outcome.exit_code != 0:
             raise BuildFailed(500, "installing the libraries failed",
                               output=tail(outcome.stderr.decode("utf-8", "replace")))
@@ -3221,7 +3226,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         answer: dict[str, Any] = {"path": path, "language": runtime.language, "version": version.version}
         if deps and layer:
             answer["dependencies"] = {**deps_summary(deps), "cached": layer.cached, "build_ms": layer.build_ms,
-                                      "size": layer.size}
+                                      "resolve_ms": layer.resolve_ms, "size": layer.size}
         self.send_json(200, answer)
 
     def post_run(self, path: str) -> None:
