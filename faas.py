@@ -7,7 +7,7 @@ answers as JSON or as a live Server-Sent-Events stream. Compatible with go-faas'
 and environment variables.
 
 The module reads top to bottom in the order a request flows through it:
-Config -> Store -> Runtimes -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
+Config -> Store -> Runtimes -> Layers -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
 Standard library only; redis-py is imported only when a Redis store is configured.
 """
 from __future__ import annotations
@@ -632,7 +632,7 @@ def check_code(code: Any) -> str:
 
 
 # ==========================================================================================
-# 3b. Layers (third-party libraries: validate, lock at upload, build, mount read-only, GC)
+# 3b. Layers: requests and locks (third-party libraries a version declares)
 # ==========================================================================================
 # research/deps.md: the lock stored with a version is the truth; a layer is a disposable,
 # content-addressed cache built from it, read-only, bound into every sandbox at
@@ -873,6 +873,10 @@ def tail(text: str, limit: int = 1500) -> str:
     """The end of a tool's output, credentials in URLs replaced by ***."""
     return redacted(text.strip())[-limit:]
 
+
+# ==========================================================================================
+# 3c. Layers: the store (build in a sandbox, mount read-only, warm sandboxes, GC)
+# ==========================================================================================
 
 class BuildFailed(ApiError):
     """A layer build ended without a layer; nothing of it is left on disk."""
@@ -1317,6 +1321,43 @@ class Layers:
         rows = self.listing({})
         return len(rows), sum(row["size"] for row in rows)
 
+    GC_INTERVAL = 3600.0
+
+    def start_collector(self, store: Store, stopping: threading.Event) -> None:
+        """Collect garbage every GC_INTERVAL seconds and soon after a delete (collect_soon)."""
+        self.collect_wake = threading.Event()
+
+        def loop() -> None:
+            while not stopping.is_set():
+                self.collect_wake.wait(self.GC_INTERVAL)
+                self.collect_wake.clear()
+                if stopping.is_set():
+                    return
+                try:
+                    removed = self.gc(set(store.layer_keys()), self.deps.grace)
+                except Exception:   # a store outage must not end the collector
+                    LOG.exception("layer garbage collection failed")
+                    continue
+                if removed:
+                    LOG.info("removed %d unreferenced layers: %s", len(removed), " ".join(removed))
+        if self.available:
+            threading.Thread(target=loop, name="layer-gc", daemon=True).start()
+
+    def collect_soon(self) -> None:
+        wake = getattr(self, "collect_wake", None)
+        if wake is not None:
+            wake.set()
+
+    def forget_warm(self, key: str) -> None:
+        """A removed layer's warm sandboxes go too."""
+        with self.warm_lock:
+            gone = [argv for argv in self.warm if f"{LAYERS_IN_SANDBOX}/{key}" in argv[-2]]
+            for argv in gone:
+                del self.warm[argv]
+        for argv in gone:
+            if self.pool is not None:
+                self.pool.remove(argv)
+
     def gc(self, referenced: set[str], grace: float, dry_run: bool = False) -> list[str]:
         """Mark and sweep: remove layers no stored version references, unused for `grace`
         seconds and not held by any call (of any server process on this directory).
@@ -1337,6 +1378,7 @@ class Layers:
                     os.rename(self.path(key), trash / key)
                     shutil.rmtree(trash, ignore_errors=True)
                     os.unlink(self.used / key)
+                    self.forget_warm(key)
                 removed.append(key)
             finally:
                 os.close(fd)
@@ -3205,6 +3247,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.app.invoker.resolve(path, version_number)   # says which of the two is unknown
             raise ApiError(404, f"no function at path '{path}'")
         remaining = self.app.store.describe(path)
+        self.app.layers.collect_soon()   # their layers may now be unreferenced
         LOG.info("deleted request_id=%s path=%s version=%s count=%d", self.request_id, path,
                  version_number or "all", deleted)
         self.send_json(200, {"path": path, "deleted": deleted, "latest": remaining and remaining["latest"]})
@@ -3394,6 +3437,7 @@ class App:
         self.started = time.time()
         self.stopping = threading.Event()
         self.server: Server | None = None
+        self.layers.start_collector(self.store, self.stopping)
 
     def health(self) -> dict[str, Any]:
         try:

@@ -647,6 +647,38 @@ def test_gc_removes_unreferenced_layers_but_not_one_in_use(lserver, uid):
     assert assert_ok(lserver.run(f"{uid}/keep"))["data"] == 41
 
 
+def test_server_collects_layers_after_deletes(faas, space, wheels, uid):
+    s = faas.start(store="sqlite", env=deps_env(space, "gc", FAAS_DEPS_GRACE="0", FAAS_POOL_SIZE="0"))
+    try:
+        body = assert_ok(upload(s, f"{uid}/g", "python", "import faaswarm\nreturn 1", requirements=["faaswarm"]))
+        key = body["dependencies"]["key"]
+        assert assert_ok(s.run(f"{uid}/g"))["data"] == 1
+        assert wait_until(lambda: warm_state(s, key), timeout=20)
+        assert_ok(upload(s, f"{uid}/g", "python", "return 2"))   # the old version still references it
+        assert layer_dir(s, key).is_dir()
+        assert assert_ok(s.request("DELETE", f"/functions/{uid}/g"))["deleted"] == 2
+        assert wait_until(lambda: not layer_dir(s, key).exists(), timeout=20)
+        assert warm_state(s, key) is None and staging_left(s) == []
+        assert wait_until(lambda: f"removed 1 unreferenced layers: {key}" in s.stderr_text(), timeout=10)
+    finally:
+        s.stop()
+
+
+def test_a_lock_for_another_platform_is_a_503(lserver, uid):
+    """A node whose interpreter differs from the lock's platform cannot build it."""
+    import sqlite3
+    body = assert_ok(upload(lserver, f"{uid}/tag", "python", "import faasdep\nreturn 1",
+                            requirements=["faasdep==1.0"]))
+    db = sqlite3.connect(Path(lserver.env["FAAS_DATA_DIR"]) / "faas.sqlite3")
+    deps = json.loads(db.execute("SELECT deps FROM versions WHERE path=?", (f"{uid}/tag",)).fetchone()[0])
+    deps.update(tag="cp399-linux-riscv64-glibc9.99", key="0" * 64)
+    with db:
+        db.execute("UPDATE versions SET deps=? WHERE path=?", (json.dumps(deps), f"{uid}/tag"))
+    db.close()
+    error = assert_error(lserver.run(f"{uid}/tag", version=body["version"]), 503)
+    assert "cp399-linux-riscv64" in error["error"] and "upload it again" in error["error"], error
+
+
 def test_prefetch_builds_referenced_layers(lserver, uid):
     body = assert_ok(upload(lserver, f"{uid}/pre", "python", "import faasdemo\nreturn faasdemo.answer()",
                             requirements=["faasdemo==2.0"]))
