@@ -1374,11 +1374,11 @@ class Layers:
                 except BlockingIOError:
                     continue   # a call is using it
                 if not dry_run:
+                    self.forget_warm(key)
                     trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.tmp))
                     os.rename(self.path(key), trash / key)
                     shutil.rmtree(trash, ignore_errors=True)
                     os.unlink(self.used / key)
-                    self.forget_warm(key)
                 removed.append(key)
             finally:
                 os.close(fd)

@@ -657,9 +657,9 @@ def test_server_collects_layers_after_deletes(faas, space, wheels, uid):
         assert_ok(upload(s, f"{uid}/g", "python", "return 2"))   # the old version still references it
         assert layer_dir(s, key).is_dir()
         assert assert_ok(s.request("DELETE", f"/functions/{uid}/g"))["deleted"] == 2
-        assert wait_until(lambda: not layer_dir(s, key).exists(), timeout=20)
+        assert wait_until(lambda: f"removed 1 unreferenced layers: {key}" in s.stderr_text(), timeout=20)
+        assert not layer_dir(s, key).exists()
         assert warm_state(s, key) is None and staging_left(s) == []
-        assert wait_until(lambda: f"removed 1 unreferenced layers: {key}" in s.stderr_text(), timeout=10)
     finally:
         s.stop()
 
