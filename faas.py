@@ -639,7 +639,7 @@ def check_code(code: Any) -> str:
 # LAYERS_IN_SANDBOX. Only binary wheels and `npm --ignore-scripts`: no package code runs
 # while building, and the install step has no network.
 
-LAYERS_IN_SANDBOX = "/opt/faas/layers"
+LAYERS_IN_SANDBOX = "/faas/layers"
 BUILD_DIR_IN_SANDBOX = "/out"
 FIND_LINKS_IN_SANDBOX = "/faas/find-links"
 MAX_DEPENDENCY_ENTRIES = 50
@@ -826,18 +826,27 @@ def interpreter_tag(kind: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+PIN_VERSION_RE = re.compile(r"[A-Za-z0-9.+!_-]{1,64}")
+
+
 def pip_lock(report: dict[str, Any]) -> tuple[str, list[str]]:
-    """pip's --report as a --require-hashes lock: sorted `name==version --hash=sha256:...`."""
+    """pip's --report as a --require-hashes lock: sorted `name==version --hash=sha256:...`.
+    Names, versions and hashes come from the index: each is checked strictly, so a
+    crafted one cannot put a pip option into the lock file the build reads."""
     lines, pins = [], []
-    for item in report.get("install", []):
-        name = canonical_name(item["metadata"]["name"])
-        version = item["metadata"]["version"]
-        info = item.get("download_info", {})
-        digest = info.get("archive_info", {}).get("hash", "")
-        if not digest.startswith("sha256=") or not info.get("url", "").endswith(".whl"):
-            raise ApiError(400, f"{name}=={version} has no binary wheel with a sha256 hash")
-        lines.append(f"{name}=={version} --hash=sha256:{digest[7:]}")
-        pins.append(f"{name}=={version}")
+    try:
+        for item in report.get("install", []):
+            name, version = canonical_name(item["metadata"]["name"]), item["metadata"]["version"]
+            info = item.get("download_info", {})
+            digest = info.get("archive_info", {}).get("hash", "")
+            if not re.fullmatch(PY_NAME, name) or not PIN_VERSION_RE.fullmatch(version):
+                raise ApiError(400, f"the index answered an unusable project name or version: {name!r} {version!r}")
+            if not re.fullmatch(r"sha256=[0-9a-f]{64}", digest) or not info.get("url", "").endswith(".whl"):
+                raise ApiError(400, f"{name}=={version} has no binary wheel with a sha256 hash")
+            lines.append(f"{name}=={version} --hash=sha256:{digest[7:]}")
+            pins.append(f"{name}=={version}")
+    except (KeyError, TypeError, AttributeError):
+        raise ApiError(400, "pip's resolution report is not in the expected form") from None
     return "".join(f"{line}\n" for line in sorted(lines)), sorted(pins)
 
 
@@ -846,7 +855,10 @@ def npm_pins(lock: dict[str, Any], registry_ok: Callable[[str], bool]) -> list[s
     registry with an integrity hash (a git or file dependency of a dependency would
     otherwise fetch or run anything)."""
     pins = []
-    for where, entry in sorted((lock.get("packages") or {}).items()):
+    packages = lock.get("packages") if isinstance(lock, dict) else None
+    if not isinstance(packages, dict) or not all(isinstance(entry, dict) for entry in packages.values()):
+        raise ApiError(400, "npm's lock is not in the expected form (lockfileVersion 2 or 3)")
+    for where, entry in sorted(packages.items()):
         if not where:
             continue
         name = where.rsplit("node_modules/", 1)[-1]

@@ -275,7 +275,7 @@ def test_layer_is_root_owned_read_only_and_unlistable(lserver, uid):
     code = """import os, errno, faasshared
 site = os.path.dirname(faasshared.__file__)
 try:
-    os.listdir('/opt/faas/layers')
+    os.listdir('/faas/layers')
     listed = 'listed'
 except PermissionError:
     listed = 'denied'
@@ -677,6 +677,7 @@ def test_a_lock_for_another_platform_is_a_503(lserver, uid):
     db.close()
     error = assert_error(lserver.run(f"{uid}/tag", version=body["version"]), 503)
     assert "cp399-linux-riscv64" in error["error"] and "upload it again" in error["error"], error
+    assert_ok(lserver.request("DELETE", f"/functions/{uid}/tag"))   # not for prefetch to find
 
 
 def test_prefetch_builds_referenced_layers(lserver, uid):
@@ -749,3 +750,31 @@ def test_real_numpy_and_lodash(faas, space, uid):
         assert assert_ok(s.run(f"{uid}/lo"))["data"] == [[1, 2], [3, 4]]
     finally:
         s.stop()
+
+
+# --------------------------------------------------------------------------- pure functions
+
+def test_requirements_normalize_to_one_spelling():
+    import faas
+    assert faas.normalize_requirement(" NumPy == 2.4.6 ") == ("numpy", "numpy==2.4.6")
+    assert faas.normalize_requirement("Python_Dateutil>=2.8, <5") == ("python-dateutil", "python-dateutil<5,>=2.8")
+    assert faas.normalize_requirement("Requests[SOCKS,security]~=2.0") == \
+        ("requests", "requests[security,socks]~=2.0")
+
+
+def report_item(name, version, digest="sha256=" + "a" * 64, url="https://files.example/x-1-py3-none-any.whl"):
+    return {"metadata": {"name": name, "version": version},
+            "download_info": {"url": url, "archive_info": {"hash": digest}}}
+
+
+def test_lock_from_a_report_refuses_what_could_smuggle_options():
+    import faas
+    lock, pins = faas.pip_lock({"install": [report_item("B_pkg", "2.0"), report_item("a", "1.0")]})
+    assert lock == f"a==1.0 --hash=sha256:{'a' * 64}\nb-pkg==2.0 --hash=sha256:{'a' * 64}\n"
+    assert pins == ["a==1.0", "b-pkg==2.0"]
+    for item in (report_item("a", "1.0 --index-url http://127.0.0.1:1/"), report_item("a", "1.0\n-e x"),
+                 report_item("a b", "1.0"), report_item("a", "1.0", digest="md5=00"),
+                 report_item("a", "1.0", url="https://files.example/a-1.0.tar.gz"), {"metadata": {}}):
+        with pytest.raises(faas.ApiError) as raised:
+            faas.pip_lock({"install": [item]})
+        assert raised.value.status == 400
