@@ -933,12 +933,14 @@ class Layers:
     def prepare_dirs(self, serving: bool) -> bool:
         """Create the store; the sandbox user must be able to traverse to it (bwrap binds
         it as that user), but not list it."""
-        for path in (self.root, self.layers, self.tmp, self.used):
-            path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)
-        os.chmod(self.layers, 0o711)
-        os.chmod(self.tmp, 0o711)
-        os.chmod(self.used, 0o700)
+        try:
+            for path, mode in ((self.root, 0o711), (self.layers, 0o711), (self.tmp, 0o711), (self.used, 0o700)):
+                path.mkdir(parents=True, exist_ok=True)
+                os.chmod(path, mode)
+        except OSError as error:   # a read-only working directory must not stop the server
+            LOG.error("libraries disabled: cannot create the layer store %s: %s (set FAAS_DEPS_DIR)",
+                      self.root, error.strerror)
+            return False
         for leftover in self.tmp.iterdir() if serving else []:   # what a crash interrupted
             shutil.rmtree(leftover, ignore_errors=True)
         if os.geteuid() == 0 and not world_traversable(self.root):

@@ -778,3 +778,17 @@ def test_lock_from_a_report_refuses_what_could_smuggle_options():
         with pytest.raises(faas.ApiError) as raised:
             faas.pip_lock({"install": [item]})
         assert raised.value.status == 400
+
+
+def test_an_unwritable_layer_store_leaves_the_server_serving(faas, space, wheels, uid):
+    blocker = space / "not-a-directory"
+    blocker.write_text("a file where the layer store should be")
+    s = faas.start(store="sqlite", env=deps_env(space, "nostore", FAAS_DEPS_DIR=blocker / "deps",
+                                                 FAAS_POOL_SIZE="0"))
+    try:
+        assert assert_ok(s.run_now("python", "return 7"))["data"] == 7
+        error = assert_error(upload(s, f"{uid}/x", "python", "return 1", requirements=["faasdep"]), 503)
+        assert "unavailable" in error["error"], error
+        assert "libraries disabled: cannot create the layer store" in s.stderr_text()
+    finally:
+        s.stop()
