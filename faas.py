@@ -661,6 +661,7 @@ class DepsConfig:
     allow: re.Pattern[str] | None
     timeout: float
     max_size: int
+    max_total: int
     max_packages: int
     memory: int
     max_builds: int
@@ -691,6 +692,7 @@ class DepsConfig:
             enabled=switch in ("on", "1", "true", "yes"), allow=pattern,
             timeout=parse_number("FAAS_DEPS_TIMEOUT", get("FAAS_DEPS_TIMEOUT", "300"), float, 1),
             max_size=parse_size("FAAS_DEPS_MAX_SIZE", get("FAAS_DEPS_MAX_SIZE", "1G")),
+            max_total=parse_size("FAAS_DEPS_MAX_TOTAL", get("FAAS_DEPS_MAX_TOTAL", "10G")),
             max_packages=parse_number("FAAS_DEPS_MAX_PACKAGES", get("FAAS_DEPS_MAX_PACKAGES", "100"), int, 1),
             memory=parse_size("FAAS_DEPS_MEMORY", get("FAAS_DEPS_MEMORY", "1G")),
             max_builds=parse_number("FAAS_DEPS_MAX_BUILDS", get("FAAS_DEPS_MAX_BUILDS", "1"), int, 1),
@@ -1026,6 +1028,8 @@ class Layers:
         seconds = time.monotonic() - began
         self.count_build("ok", seconds)
         LOG.info("built layer %s in %d ms, %d bytes", key, seconds * 1000, size)
+        if self.totals()[1] > self.deps.max_total:
+            self.collect_soon()
         return LayerInfo(key, False, int(seconds * 1000), size)
 
     def count_build(self, result: str, seconds: float) -> None:
@@ -1237,6 +1241,9 @@ class Layers:
         fd = os.open(self.used / key, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
+            if not self.exists(key):   # removed between Layers.ensure and now
+                raise ApiError(503, "this version's libraries were just removed from this server; retry",
+                               headers={"Retry-After": "1"})
             now = time.time()
             if now - self.touched.get(key, 0) > 60:
                 self.touched[key] = now
@@ -1353,7 +1360,8 @@ class Layers:
                     LOG.exception("layer garbage collection failed")
                     continue
                 if removed:
-                    LOG.info("removed %d unreferenced layers: %s", len(removed), " ".join(removed))
+                    LOG.info("removed %d layers (unreferenced, or over FAAS_DEPS_MAX_TOTAL): %s", len(removed),
+                             " ".join(removed))
         if self.available:
             threading.Thread(target=loop, name="layer-gc", daemon=True).start()
 
@@ -1373,30 +1381,41 @@ class Layers:
                 self.pool.remove(argv)
 
     def gc(self, referenced: set[str], grace: float, dry_run: bool = False) -> list[str]:
-        """Mark and sweep: remove layers no stored version references, unused for `grace`
-        seconds and not held by any call (of any server process on this directory).
-        Removal renames into tmp/ first: a half-removed tree is never seen under a key."""
-        removed = []
-        for row in self.listing({}):
-            key = row["key"]
-            if key in referenced or time.time() - row["last_used"] < grace:
-                continue
-            fd = os.open(self.used / key, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue   # a call is using it
-                if not dry_run:
-                    self.forget_warm(key)
-                    trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.tmp))
-                    os.rename(self.path(key), trash / key)
-                    shutil.rmtree(trash, ignore_errors=True)
-                    os.unlink(self.used / key)
-                removed.append(key)
-            finally:
-                os.close(fd)
+        """Mark and sweep: remove layers no stored version references and unused for
+        `grace` seconds; then, while the store is above FAAS_DEPS_MAX_TOTAL, referenced
+        ones idle for min(grace, 60) s, least recently used first (rebuilt from their lock
+        when needed). Never one a call holds (of any server process on this directory)."""
+        rows, now = self.listing({}), time.time()
+        removed = [row["key"] for row in rows if row["key"] not in referenced
+                   and now - row["last_used"] >= grace and self.remove(row["key"], dry_run)]
+        total = sum(row["size"] for row in rows if row["key"] not in removed)
+        for row in sorted(rows, key=lambda row: row["last_used"]):
+            if total <= self.deps.max_total:
+                break
+            if row["key"] not in removed and now - row["last_used"] >= min(grace, 60) \
+                    and self.remove(row["key"], dry_run):
+                removed.append(row["key"])
+                total -= row["size"]
         return removed
+
+    def remove(self, key: str, dry_run: bool) -> bool:
+        """Remove one layer unless a call holds it. Renamed into tmp/ first: a half-removed
+        tree is never seen under a key."""
+        fd = os.open(self.used / key, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False   # a call is using it
+            if not dry_run:
+                self.forget_warm(key)
+                trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.tmp))
+                os.rename(self.path(key), trash / key)
+                shutil.rmtree(trash, ignore_errors=True)
+                os.unlink(self.used / key)
+            return True
+        finally:
+            os.close(fd)
 
 
 def seal(tree: Path) -> None:

@@ -657,7 +657,7 @@ def test_server_collects_layers_after_deletes(faas, space, wheels, uid):
         assert_ok(upload(s, f"{uid}/g", "python", "return 2"))   # the old version still references it
         assert layer_dir(s, key).is_dir()
         assert assert_ok(s.request("DELETE", f"/functions/{uid}/g"))["deleted"] == 2
-        assert wait_until(lambda: f"removed 1 unreferenced layers: {key}" in s.stderr_text(), timeout=20)
+        assert wait_until(lambda: f"removed 1 layers (unreferenced, or over FAAS_DEPS_MAX_TOTAL): {key}" in s.stderr_text(), timeout=20)
         assert not layer_dir(s, key).exists()
         assert warm_state(s, key) is None and staging_left(s) == []
     finally:
@@ -790,5 +790,25 @@ def test_an_unwritable_layer_store_leaves_the_server_serving(faas, space, wheels
         error = assert_error(upload(s, f"{uid}/x", "python", "return 1", requirements=["faasdep"]), 503)
         assert "unavailable" in error["error"], error
         assert "libraries disabled: cannot create the layer store" in s.stderr_text()
+    finally:
+        s.stop()
+
+
+def test_above_the_total_limit_idle_layers_are_evicted_and_rebuilt_on_use(faas, space, wheels, uid):
+    s = faas.start(store="sqlite", env=deps_env(space, "total", FAAS_DEPS_MAX_TOTAL="1000", FAAS_DEPS_GRACE="1",
+                                                 FAAS_POOL_SIZE="0", FAAS_DEPS_WARM="0"))
+    try:
+        first = assert_ok(upload(s, f"{uid}/one", "python", "import faasgc\nreturn faasgc.X",
+                                 requirements=["faasgc"]))["dependencies"]
+        time.sleep(1.5)   # idle longer than the grace period (1 s), which protects the new one
+        second = assert_ok(upload(s, f"{uid}/two", "python", "import faasshared\nreturn faasshared.NAME",
+                                  requirements=["faasshared"]))["dependencies"]
+        assert first["size"] < 1000 < first["size"] + second["size"], (first, second)
+        # The second build pushed the store over the limit: the least recently used goes.
+        assert wait_until(lambda: not layer_dir(s, first["key"]).exists(), timeout=20)
+        assert layer_dir(s, second["key"]).is_dir()
+        answer = assert_ok(s.post(f"/run/{uid}/one", {}, timeout=120))
+        assert answer["data"] == 1 and answer["deps_build_ms"] > 0, answer
+        assert staging_left(s) == []
     finally:
         s.stop()
