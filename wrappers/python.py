@@ -251,6 +251,11 @@ def preload(argv):
             __import__(name)
         except BaseException:
             pass
+    # Move what the imports created out of the cyclic collector's reach: otherwise the
+    # call's first collections walk every object of pandas/numpy (milliseconds).
+    import gc
+    gc.collect()
+    gc.freeze()
     return layer
 
 
