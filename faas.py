@@ -953,6 +953,15 @@ class Layers:
             LOG.info("library layers in %s", self.layers)
         return True
 
+    def close(self) -> None:
+        """At shutdown, a store nothing was ever built into is removed (empty directories
+        only): a server that never used libraries leaves nothing behind."""
+        for path in (self.used, self.tmp, self.layers, self.root):
+            try:
+                path.rmdir()
+            except OSError:
+                return   # not empty (layers built, calls recorded): a cache worth keeping
+
     def tag(self, kind: str) -> str:
         if kind not in self.tags:
             self.tags[kind] = interpreter_tag(kind)
@@ -3559,6 +3568,7 @@ class App:
 
     def close(self) -> None:
         self.pool.close()
+        self.layers.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

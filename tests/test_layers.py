@@ -399,7 +399,16 @@ def test_unreachable_data_dir_puts_layers_in_var_cache(faas, space, wheels):
     finally:
         s.stop()
         shutil.rmtree(private, ignore_errors=True)
+    assert (store / "layers").is_dir()   # a layer was built: the cache stays
     shutil.rmtree(store)
+
+
+def test_a_server_that_built_nothing_leaves_no_layer_store(faas, space):
+    s = faas.start(store="sqlite", env=deps_env(space, "unused-store", FAAS_POOL_SIZE="0"))
+    root = Path(s.env["FAAS_DATA_DIR"]) / "deps"
+    assert (root / "layers").is_dir()
+    assert s.stop() == 0
+    assert not root.exists()
 
 
 # --------------------------------------------------------------------------- refusals
