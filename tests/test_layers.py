@@ -368,6 +368,14 @@ def test_thread_variables_with_two_cpus(faas, space, wheels):
         s.stop()
 
 
+def test_a_library_function_streams(lserver, uid):
+    assert_ok(upload(lserver, f"{uid}/sse", "python",
+                     "import faasdemo\nprint('before')\nreturn faasdemo.answer()", requirements=["faasdemo==1.0"]))
+    events = lserver.sse(f"/run/{uid}/sse", {"stream": True}).all_events()
+    assert [e["event"] for e in events] == ["log", "result"], events
+    assert events[0]["data"] == "before" and events[1]["data"] == 42, events
+
+
 def test_run_now_takes_requirements(lserver):
     body = assert_ok(lserver.run_now("python", "import faasdemo\nreturn faasdemo.answer()",
                                      requirements=["faasdemo==1.0"]))
@@ -732,6 +740,9 @@ def test_two_servers_on_one_redis_build_where_first_called(faas, space, wheels, 
         assert_ok(upload(b, f"{uid}/rj", "javascript", "return require('faas-cjs').twice(8)",
                          dependencies={"faas-cjs": "1.0.0"}))
         assert assert_ok(a.post(f"/run/{uid}/rj", {}, timeout=120))["data"] == 16
+        listed = faas_cli(a, "deps", "ls")   # the Redis store's references, this node's layers
+        row = next(line for line in listed.stdout.splitlines() if line.startswith(key[:16]))
+        assert row.split()[-2:] == ["1", "faasredis==1.0"], listed.stdout
     finally:
         a.stop()
         b.stop()
