@@ -930,6 +930,7 @@ class Layers:
         self.warm: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
         self.warm_lock = threading.Lock()
         self.modules: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.root_fd = -1   # a serving process holds the store's shared lock (see close)
         self.available = self.deps.enabled and self.prepare_dirs(serving)
 
     def prepare_dirs(self, serving: bool) -> bool:
@@ -943,8 +944,8 @@ class Layers:
             LOG.error("libraries disabled: cannot create the layer store %s: %s (set FAAS_DEPS_DIR)",
                       self.root, error.strerror)
             return False
-        for leftover in self.tmp.iterdir() if serving else []:   # what a crash interrupted
-            shutil.rmtree(leftover, ignore_errors=True)
+        if serving:
+            self.hold_store()
         if os.geteuid() == 0 and not world_traversable(self.root):
             LOG.error("libraries disabled: the sandbox user cannot reach %s (a directory above it is "
                       "not world-traversable; chmod o+x it or set FAAS_DEPS_DIR elsewhere)", self.layers)
@@ -953,14 +954,35 @@ class Layers:
             LOG.info("library layers in %s", self.layers)
         return True
 
+    def hold_store(self) -> None:
+        """Hold the store's shared lock while serving. The first server on it (the
+        exclusive lock is free) removes what a crash left in tmp/; a second one must not:
+        those are the first one's builds."""
+        self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            for leftover in self.tmp.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        fcntl.flock(self.root_fd, fcntl.LOCK_SH)
+
     def close(self) -> None:
         """At shutdown, a store nothing was ever built into is removed (empty directories
-        only): a server that never used libraries leaves nothing behind."""
-        for path in (self.used, self.tmp, self.layers, self.root):
-            try:
+        only), unless another server process on it is still running (it holds the store's
+        shared lock, and its sandboxes bind the directory)."""
+        fd, self.root_fd = self.root_fd, -1
+        if fd < 0:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for path in (self.used, self.tmp, self.layers, self.root):
                 path.rmdir()
-            except OSError:
-                return   # not empty (layers built, calls recorded): a cache worth keeping
+        except OSError:   # another server holds the store, or layers were built: keep it
+            pass
+        finally:
+            os.close(fd)
 
     def tag(self, kind: str) -> str:
         if kind not in self.tags:

@@ -832,3 +832,20 @@ def test_above_the_total_limit_idle_layers_are_evicted_and_rebuilt_on_use(faas, 
         assert staging_left(s) == []
     finally:
         s.stop()
+
+
+def test_a_second_server_on_the_same_data_dir_keeps_the_first_ones_store(faas, space):
+    first = faas.start(store="sqlite", env=deps_env(space, "shared-dir", FAAS_POOL_SIZE="0"))
+    building = Path(first.env["FAAS_DATA_DIR"]) / "deps" / "tmp" / "build-in-progress"
+    try:
+        building.mkdir()   # as if the first server were building a layer now
+        second = faas.start(store="sqlite", env={**first.env, "HTTP_PORT": str(first.port)}, wait=False,
+                            set_port=False)
+        assert second.proc.wait(30) == 1   # its port is taken: it stops at once
+        assert "Address already in use" in second.stderr_text()
+        assert (Path(first.env["FAAS_DATA_DIR"]) / "deps" / "layers").is_dir()
+        assert building.is_dir()
+        assert assert_ok(first.run_now("python", "return 9"))["data"] == 9
+    finally:
+        building.rmdir()
+        first.stop()
