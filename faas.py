@@ -7,7 +7,7 @@ answers as JSON or as a live Server-Sent-Events stream. Compatible with go-faas'
 and environment variables.
 
 The module reads top to bottom in the order a request flows through it:
-Config -> Store -> Runtimes -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
+Config -> Store -> Runtimes -> Layers -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
 Standard library only; redis-py is imported only when a Redis store is configured.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import hmac
 import http
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -42,6 +44,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -153,6 +156,7 @@ class Config:
     sandbox_gid: int
     limits: str
     esbuild: Path | None
+    deps: "DepsConfig"
     console: bool = True
 
     @classmethod
@@ -210,6 +214,7 @@ class Config:
             limits=limits,
             esbuild=Path(esbuild),
             console=parse_switch("FAAS_CONSOLE", get("FAAS_CONSOLE", "on")),
+            deps=DepsConfig.from_env(get),
         )
 
 
@@ -260,6 +265,7 @@ class Version:
     compiled: str | None
     created: float
     limits: dict[str, Any] | None = None   # the upload's own lower timeout/memory
+    deps: dict[str, Any] | None = None     # its libraries' lock (see Layers), else None
 
     @property
     def runnable(self) -> str:
@@ -268,7 +274,7 @@ class Version:
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "language": self.language, "size": len(self.code.encode()),
                 "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created,
-                "limits": self.limits}
+                "limits": self.limits, **({"dependencies": deps_summary(self.deps)} if self.deps else {})}
 
 
 def next_version(previous: int) -> int:
@@ -280,7 +286,7 @@ class Store(Protocol):
     kind: str
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version: ...
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
     def find(self, path: str, version: int | None = None) -> int | None: ...
     def describe(self, path: str) -> dict[str, Any] | None: ...
@@ -290,6 +296,7 @@ class Store(Protocol):
     def delete(self, path: str, version: int | None = None) -> int: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
+    def layer_keys(self) -> dict[str, int]: ...
 
 
 class SQLiteStore:
@@ -311,6 +318,8 @@ class SQLiteStore:
         self.idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         with self.connection() as db:
             db.executescript(self.SCHEMA)
+            if "deps" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}:
+                db.execute("ALTER TABLE versions ADD COLUMN deps TEXT")   # stores made before libraries
 
     IDLE_CONNECTIONS = 4   # each holds a page cache (up to 2 MiB): a burst must not keep them
 
@@ -350,25 +359,26 @@ class SQLiteStore:
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
 
-    COLUMNS = "path, version, language, code, compiled, created, limits"
+    COLUMNS = "path, version, language, code, compiled, created, limits, deps"
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version:
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version:
         with self.transaction() as db:
             row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
             version = next_version(row[0] if row else 0)
             now = time.time()
-            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                       (path, version, language, code, compiled, now, json.dumps(limits) if limits else None))
+            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                       (path, version, language, code, compiled, now, json.dumps(limits) if limits else None,
+                        json.dumps(deps) if deps else None))
             db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
                        "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
                        (path, version, version, now))
-        return Version(path, version, language, code, compiled, now, limits)
+        return Version(path, version, language, code, compiled, now, limits, deps)
 
     @staticmethod
     def version_from_row(row: tuple) -> Version:
-        *fields, limits = row
-        return Version(*fields, json.loads(limits) if limits else None)
+        *fields, limits, deps = row
+        return Version(*fields, json.loads(limits) if limits else None, json.loads(deps) if deps else None)
 
     def find(self, path: str, version: int | None = None) -> int | None:
         """The latest version's number, or `version` if it exists: a cheap look-up."""
@@ -429,6 +439,12 @@ class SQLiteStore:
     def ping(self) -> None:
         self.rows("SELECT 1")
 
+    def layer_keys(self) -> dict[str, int]:
+        """Layer key -> how many stored versions use it (what layer GC must keep)."""
+        rows = self.rows("SELECT json_extract(deps, '$.key'), count(*) FROM versions "
+                         "WHERE deps IS NOT NULL GROUP BY 1")
+        return {key: count for key, count in rows if key}
+
     def close(self) -> None:
         while True:
             try:
@@ -447,7 +463,8 @@ class RedisStore:
         local high = tonumber(redis.call('HGET', KEYS[2], 'high_water') or '0')
         local version = math.max(tonumber(ARGV[1]), high + 1)
         redis.call('HSET', KEYS[3] .. version, 'language', ARGV[2], 'code', ARGV[3],
-                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8])
+                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8],
+                   'deps', ARGV[9])
         redis.call('ZADD', KEYS[4], version, version)
         redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
         redis.call('SADD', KEYS[1], ARGV[7])
@@ -496,12 +513,12 @@ class RedisStore:
         return [f"{self.prefix}functions", base, f"{base}:v:", f"{base}:versions"]
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version:
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version:
         now = time.time()
         version = int(self.put_script(keys=self.keys(path), args=[
             int(now), language, code, compiled or "", int(compiled is not None), repr(now), path,
-            json.dumps(limits) if limits else ""]))
-        return Version(path, version, language, code, compiled, now, limits)
+            json.dumps(limits) if limits else "", json.dumps(deps) if deps else ""]))
+        return Version(path, version, language, code, compiled, now, limits, deps)
 
     def find(self, path: str, version: int | None = None) -> int | None:
         _, base, _, versions = self.keys(path)
@@ -524,8 +541,9 @@ class RedisStore:
     def version_from_hash(path: str, version: int, fields: dict[bytes, bytes]) -> Version:
         compiled = fields[b"compiled"].decode() if fields.get(b"has_compiled") == b"1" else None
         limits = json.loads(fields[b"limits"]) if fields.get(b"limits") else None
+        deps = json.loads(fields[b"deps"]) if fields.get(b"deps") else None
         return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
-                       compiled, float(fields[b"created"]), limits)
+                       compiled, float(fields[b"created"]), limits, deps)
 
     def describe(self, path: str) -> dict[str, Any] | None:
         _, base, version_prefix, versions = self.keys(path)
@@ -560,6 +578,19 @@ class RedisStore:
 
     def ping(self) -> None:
         self.redis.ping()
+
+    def layer_keys(self) -> dict[str, int]:
+        keys: dict[str, int] = collections.Counter()
+        for raw in self.redis.smembers(f"{self.prefix}functions"):
+            _, _, version_prefix, versions = self.keys(raw.decode())
+            numbers = self.redis.zrange(versions, 0, -1)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for number in numbers:
+                    pipe.hget(f"{version_prefix}{int(number)}", "deps")
+                for deps in pipe.execute():
+                    if deps:
+                        keys[json.loads(deps)["key"]] += 1
+        return dict(keys)
 
     def close(self) -> None:
         self.redis.close()
@@ -609,6 +640,884 @@ def check_code(code: Any) -> str:
     if not isinstance(code, str) or not code.strip():
         raise ApiError(400, "code is required: the function body as a non-empty string")
     return code
+
+
+# ==========================================================================================
+# 3b. Layers: requests and locks (third-party libraries a version declares)
+# ==========================================================================================
+# research/deps.md: the lock stored with a version is the truth; a layer is a disposable,
+# content-addressed cache built from it, read-only, bound into every sandbox at
+# LAYERS_IN_SANDBOX. Only binary wheels and `npm --ignore-scripts`: no package code runs
+# while building, and the install step has no network.
+
+LAYERS_IN_SANDBOX = "/faas/layers"
+BUILD_DIR_IN_SANDBOX = "/out"
+FIND_LINKS_IN_SANDBOX = "/faas/find-links"
+MAX_DEPENDENCY_ENTRIES = 50
+PY_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+PY_REQUIREMENT_RE = re.compile(
+    rf"\s*({PY_NAME})\s*(?:\[\s*({PY_NAME}(?:\s*,\s*{PY_NAME})*)\s*\])?\s*"
+    r"((?:~=|==|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+(?:\s*,\s*(?:~=|==|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?\s*")
+NPM_NAME_RE = re.compile(r"(@[a-z0-9~-][a-z0-9._~-]*/)?[a-z0-9~-][a-z0-9._~-]*")
+NPM_RANGE_RE = re.compile(r"[0-9A-Za-z.^~<>=| *-]+")
+DEPS_FIELDS = {"pip": "requirements", "npm": "dependencies"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DepsConfig:
+    """FAAS_DEPS_* settings. Index settings (which may hold credentials) reach only the
+    build sandbox, through a config file in its staging directory: never argv, a run
+    sandbox, a log line or an answer."""
+    enabled: bool
+    allow: re.Pattern[str] | None
+    timeout: float
+    max_size: int
+    max_total: int
+    max_packages: int
+    memory: int
+    max_builds: int
+    grace: float
+    index_url: str
+    extra_index_url: str
+    find_links: str
+    no_index: bool
+    npm_registry: str
+    directory: Path | None   # FAAS_DEPS_DIR; None: <data dir>/deps (see layer_store_root)
+    warm: int                # pre-started sandboxes per called layer, its modules imported
+    warm_layers: int         # layers that may have them at once (least recently called go)
+
+    @classmethod
+    def from_env(cls, get: Callable[..., str]) -> "DepsConfig":
+        switch = get("FAAS_DEPS", "on").lower()
+        if switch not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"FAAS_DEPS={switch!r} must be on or off")
+        allow = get("FAAS_DEPS_ALLOW")
+        try:
+            pattern = re.compile(allow, re.IGNORECASE) if allow else None
+        except re.error as error:
+            raise ConfigError(f"FAAS_DEPS_ALLOW={allow!r} is not a regular expression: {error}") from None
+        find_links = get("FAAS_DEPS_FIND_LINKS")
+        if find_links and "://" not in find_links and not Path(find_links).is_dir():
+            raise ConfigError(f"FAAS_DEPS_FIND_LINKS={find_links!r} is neither a directory nor a URL")
+        return cls(
+            enabled=switch in ("on", "1", "true", "yes"), allow=pattern,
+            timeout=parse_number("FAAS_DEPS_TIMEOUT", get("FAAS_DEPS_TIMEOUT", "300"), float, 1),
+            max_size=parse_size("FAAS_DEPS_MAX_SIZE", get("FAAS_DEPS_MAX_SIZE", "1G")),
+            max_total=parse_size("FAAS_DEPS_MAX_TOTAL", get("FAAS_DEPS_MAX_TOTAL", "10G")),
+            max_packages=parse_number("FAAS_DEPS_MAX_PACKAGES", get("FAAS_DEPS_MAX_PACKAGES", "100"), int, 1),
+            memory=parse_size("FAAS_DEPS_MEMORY", get("FAAS_DEPS_MEMORY", "1G")),
+            max_builds=parse_number("FAAS_DEPS_MAX_BUILDS", get("FAAS_DEPS_MAX_BUILDS", "1"), int, 1),
+            grace=parse_number("FAAS_DEPS_GRACE", get("FAAS_DEPS_GRACE", "3600"), float, 0),
+            index_url=get("FAAS_DEPS_INDEX_URL"), extra_index_url=get("FAAS_DEPS_EXTRA_INDEX_URL"),
+            find_links=str(Path(find_links).resolve()) if find_links and "://" not in find_links else find_links,
+            no_index=get("FAAS_DEPS_NO_INDEX").lower() in ("1", "true", "yes"),
+            npm_registry=get("FAAS_DEPS_NPM_REGISTRY"),
+            directory=Path(get("FAAS_DEPS_DIR")).resolve() if get("FAAS_DEPS_DIR") else None,
+            warm=parse_number("FAAS_DEPS_WARM", get("FAAS_DEPS_WARM", "1"), int, 0, 16),
+            warm_layers=parse_number("FAAS_DEPS_WARM_LAYERS", get("FAAS_DEPS_WARM_LAYERS", "4"), int, 1, 64),
+        )
+
+
+def world_traversable(path: Path) -> bool:
+    """Whether any uid can walk down to path (bwrap resolves a bind source as the sandbox
+    user): every existing ancestor has the x bit for others."""
+    return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents) if p.exists())
+
+
+def layer_store_root(config: Config) -> Path:
+    """Where layers live: FAAS_DEPS_DIR, else `<data dir>/deps`. A data dir the sandbox user
+    cannot reach (a checkout under a 0700 home, run as root) gets its layers under
+    /var/cache/faas instead: they are a disposable cache, the locks stay in the store."""
+    if config.deps.directory is not None:
+        return config.deps.directory
+    default = config.data_dir.resolve() / "deps"
+    if os.geteuid() != 0 or world_traversable(default):
+        return default
+    return Path("/var/cache/faas") / hashlib.sha256(str(default).encode()).hexdigest()[:16]
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503: NumPy, numpy and num_py... are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def normalize_requirement(entry: Any) -> tuple[str, str]:
+    """(canonical name, normalized requirement) of one `requirements` entry, or a 400
+    naming it. Names, extras and version specifiers only: no URL, path, VCS, marker or
+    pip option can pass, so pip never fetches anything but index/find-links files."""
+    match = PY_REQUIREMENT_RE.fullmatch(entry) if isinstance(entry, str) and len(entry) <= 200 else None
+    if match is None:
+        raise ApiError(400, f"requirement {entry!r} is not allowed: give a project name with optional "
+                            "version specifiers, like 'numpy==2.4.6' or 'pandas>=3,<4' (no URLs, paths, "
+                            "markers or pip options)", entry=entry if isinstance(entry, str) else None)
+    name, extras, specifiers = match.groups()
+    extras_text = f"[{','.join(sorted({canonical_name(e.strip()) for e in extras.split(',')}))}]" if extras else ""
+    spec_text = ",".join(sorted(re.sub(r"\s+", "", s) for s in specifiers.split(","))) if specifiers else ""
+    return canonical_name(name), canonical_name(name) + extras_text + spec_text
+
+
+def check_npm_dependency(name: Any, spec: Any) -> None:
+    if not isinstance(name, str) or len(name) > 214 or not NPM_NAME_RE.fullmatch(name):
+        raise ApiError(400, f"dependency name {name!r} is not an npm package name", entry=str(name)[:214])
+    if not isinstance(spec, str) or len(spec) > 100 or not NPM_RANGE_RE.fullmatch(spec):
+        raise ApiError(400, f"dependency {name!r}: version {spec!r} is not allowed: give a version or "
+                            "range like '4.17.21' or '^1.11' (no URLs, paths, git or npm: aliases)", entry=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requested:
+    """What an upload asked for, validated and normalized (the lock's input)."""
+    kind: str                      # pip | npm
+    entries: tuple[str, ...] | tuple[tuple[str, str], ...]
+
+    @property
+    def project_names(self) -> list[str]:
+        if self.kind == "npm":
+            return [name for name, _ in self.entries]   # type: ignore[misc]
+        return [PY_REQUIREMENT_RE.fullmatch(e).group(1) for e in self.entries]   # type: ignore[union-attr,arg-type]
+
+    def as_json(self) -> Any:
+        return list(self.entries) if self.kind == "pip" else dict(self.entries)   # type: ignore[arg-type]
+
+
+def check_dependencies(body: dict[str, Any], runtime: Runtime, deps: DepsConfig) -> Requested | None:
+    """The request's `requirements` (Python) or `dependencies` (JavaScript/TypeScript);
+    None when absent or empty: today's behaviour exactly."""
+    kind = "pip" if runtime.language == "python" else "npm"
+    field, other = DEPS_FIELDS[kind], DEPS_FIELDS["npm" if kind == "pip" else "pip"]
+    if body.get(other) not in (None, [], {}):
+        raise ApiError(400, f"{other} is not for {runtime.language}: "
+                            f"{runtime.language} takes {field} ({'a list' if kind == 'pip' else 'an object'})")
+    given = body.get(field)
+    if given in (None, [], {}):
+        return None
+    if kind == "pip" and not isinstance(given, list):
+        raise ApiError(400, "requirements must be a list of strings like [\"numpy==2.4.6\"]")
+    if kind == "npm" and not isinstance(given, dict):
+        raise ApiError(400, "dependencies must be an object like {\"lodash\": \"4.17.21\"}")
+    if not deps.enabled:
+        raise ApiError(400, "libraries are disabled on this server (FAAS_DEPS=off)")
+    items = list(given) if kind == "pip" else list(given.items())
+    if len(items) > MAX_DEPENDENCY_ENTRIES:
+        extra = items[MAX_DEPENDENCY_ENTRIES]
+        raise ApiError(400, f"too many {field}: {len(items)}, at most {MAX_DEPENDENCY_ENTRIES} "
+                            f"(the first over the limit is {extra if kind == 'pip' else extra[0]!r})")
+    if kind == "pip":
+        normalized = dict(normalize_requirement(entry) for entry in items)
+        if len(normalized) != len(items):
+            raise ApiError(400, "requirements name the same project twice")
+        entries: Any = tuple(sorted(normalized.values()))
+    else:
+        for name, spec in items:
+            check_npm_dependency(name, spec)
+        entries = tuple(sorted((name, spec.strip()) for name, spec in items))
+    requested = Requested(kind, entries)
+    for name in requested.project_names:
+        if deps.allow is not None and not deps.allow.fullmatch(name):
+            raise ApiError(400, f"{name!r} is not on this server's list of allowed libraries (FAAS_DEPS_ALLOW)",
+                           entry=name)
+    return requested
+
+
+def layer_key(tag: str, lock: str) -> str:
+    return hashlib.sha256(f"{tag}\n{lock}".encode()).hexdigest()
+
+
+def interpreter_tag(kind: str) -> str:
+    """The platform a lock is valid for: the sandbox's own interpreter, not the server's."""
+    if kind == "pip":
+        argv = [RUNTIMES["python"].interpreter, "-I", "-c",
+                "import sys,sysconfig,platform;print('cp%d%d-%s-glibc%s'%(sys.version_info[0],"
+                "sys.version_info[1],sysconfig.get_platform(),platform.libc_ver()[1]))"]
+    else:
+        argv = [RUNTIMES["javascript"].interpreter, "-p",
+                "'node'+process.versions.node.split('.')[0]+'-'+process.platform+'-'+process.arch"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=SANDBOX_HOST_ENV)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+PIN_VERSION_RE = re.compile(r"[A-Za-z0-9.+!_-]{1,64}")
+
+
+def pip_lock(report: dict[str, Any]) -> tuple[str, list[str]]:
+    """pip's --report as a --require-hashes lock: sorted `name==version --hash=sha256:...`.
+    Names, versions and hashes come from the index: each is checked strictly, so a
+    crafted one cannot put a pip option into the lock file the build reads."""
+    lines, pins = [], []
+    try:
+        for item in report.get("install", []):
+            name, version = canonical_name(item["metadata"]["name"]), item["metadata"]["version"]
+            info = item.get("download_info", {})
+            digest = info.get("archive_info", {}).get("hash", "")
+            if not re.fullmatch(PY_NAME, name) or not PIN_VERSION_RE.fullmatch(version):
+                raise ApiError(400, f"the index answered an unusable project name or version: {name!r} {version!r}")
+            if not re.fullmatch(r"sha256=[0-9a-f]{64}", digest) or not info.get("url", "").endswith(".whl"):
+                raise ApiError(400, f"{name}=={version} has no binary wheel with a sha256 hash")
+            lines.append(f"{name}=={version} --hash=sha256:{digest[7:]}")
+            pins.append(f"{name}=={version}")
+    except (KeyError, TypeError, AttributeError):
+        raise ApiError(400, "pip's resolution report is not in the expected form") from None
+    return "".join(f"{line}\n" for line in sorted(lines)), sorted(pins)
+
+
+def npm_pins(lock: dict[str, Any], registry_ok: Callable[[str], bool]) -> list[str]:
+    """name@version of every package in an npm lock; 400 unless each comes from the
+    registry with an integrity hash (a git or file dependency of a dependency would
+    otherwise fetch or run anything)."""
+    pins = []
+    packages = lock.get("packages") if isinstance(lock, dict) else None
+    if not isinstance(packages, dict) or not all(isinstance(entry, dict) for entry in packages.values()):
+        raise ApiError(400, "npm's lock is not in the expected form (lockfileVersion 2 or 3)")
+    for where, entry in sorted(packages.items()):
+        if not where:
+            continue
+        name = where.rsplit("node_modules/", 1)[-1]
+        if entry.get("link") or not entry.get("integrity") or not registry_ok(entry.get("resolved", "")):
+            raise ApiError(400, f"{name}: only registry packages with an integrity hash can be installed "
+                                f"(it resolves to {redacted(str(entry.get('resolved', 'a link')))[:200]!r})")
+        pins.append(f"{name}@{entry.get('version')}")
+    return pins
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files below path (apparent sizes, symlinks not followed)."""
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def tail(text: str, limit: int = 1500) -> str:
+    """The end of a tool's output, credentials in URLs replaced by ***."""
+    return redacted(text.strip())[-limit:]
+
+
+# ==========================================================================================
+# 3c. Layers: the store (build in a sandbox, mount read-only, warm sandboxes, GC)
+# ==========================================================================================
+
+class BuildFailed(ApiError):
+    """A layer build ended without a layer; nothing of it is left on disk."""
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    key: str
+    cached: bool
+    build_ms: int
+    size: int
+    resolve_ms: int = 0
+
+
+class Layers:
+    """The layer store under `<data dir>/deps`: `layers/<key>/` (read-only trees, world
+    traversable but not listable), `tmp/` (staging and trash), `used/<key>` (last use
+    and a shared flock while a call uses the layer). Builds run one at a time (by
+    default), single-flight per key, each phase in a sandbox with the run sandbox's
+    flags and its own cgroup, time, memory and disk limits."""
+
+    def __init__(self, config: Config, metrics: "Metrics | None" = None, serving: bool = False) -> None:
+        self.config = config
+        self.deps = config.deps
+        self.root = layer_store_root(config)
+        self.layers = self.root / "layers"
+        self.tmp = self.root / "tmp"
+        self.used = self.root / "used"
+        self.metrics = metrics
+        self.sandbox: Sandbox | None = None
+        self.build_slots = threading.BoundedSemaphore(self.deps.max_builds)
+        self.key_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self.key_locks_lock = threading.Lock()
+        self.touched: dict[str, float] = {}
+        self.tags: dict[str, str] = {}
+        self.pool: Pool | None = None   # set by App: warm sandboxes per called layer
+        self.warm: collections.OrderedDict[tuple[str, ...], None] = collections.OrderedDict()
+        self.warm_lock = threading.Lock()
+        self.modules: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.root_fd = -1   # a serving process holds the store's shared lock (see close)
+        self.available = self.deps.enabled and self.prepare_dirs(serving)
+
+    def prepare_dirs(self, serving: bool) -> bool:
+        """Create the store; the sandbox user must be able to traverse to it (bwrap binds
+        it as that user), but not list it."""
+        try:
+            for path, mode in ((self.root, 0o711), (self.layers, 0o711), (self.tmp, 0o711), (self.used, 0o700)):
+                path.mkdir(parents=True, exist_ok=True)
+                os.chmod(path, mode)
+        except OSError as error:   # a read-only working directory must not stop the server
+            LOG.error("libraries disabled: cannot create the layer store %s: %s (set FAAS_DEPS_DIR)",
+                      self.root, error.strerror)
+            return False
+        if serving:
+            self.hold_store()
+        if os.geteuid() == 0 and not world_traversable(self.root):
+            LOG.error("libraries disabled: the sandbox user cannot reach %s (a directory above it is "
+                      "not world-traversable; chmod o+x it or set FAAS_DEPS_DIR elsewhere)", self.layers)
+            return False
+        if serving:
+            LOG.info("library layers in %s", self.layers)
+        return True
+
+    def hold_store(self) -> None:
+        """Hold the store's shared lock while serving. The first server on it (the
+        exclusive lock is free) removes what a crash left in tmp/; a second one must not:
+        those are the first one's builds."""
+        self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            for leftover in self.tmp.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        fcntl.flock(self.root_fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        """At shutdown, a store nothing was ever built into is removed (empty directories
+        only), unless another server process on it is still running (it holds the store's
+        shared lock, and its sandboxes bind the directory)."""
+        fd, self.root_fd = self.root_fd, -1
+        if fd < 0:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for path in (self.used, self.tmp, self.layers, self.root):
+                path.rmdir()
+        except OSError:   # another server holds the store, or layers were built: keep it
+            pass
+        finally:
+            os.close(fd)
+
+    def tag(self, kind: str) -> str:
+        if kind not in self.tags:
+            self.tags[kind] = interpreter_tag(kind)
+        return self.tags[kind]
+
+    def key_lock(self, key: str) -> threading.Lock:
+        with self.key_locks_lock:
+            return self.key_locks[key]
+
+    def path(self, key: str) -> Path:
+        return self.layers / key
+
+    def exists(self, key: str) -> bool:
+        return (self.layers / key / "faas-layer.json").is_file()
+
+    def check_available(self) -> None:
+        if not self.deps.enabled:
+            raise ApiError(400, "libraries are disabled on this server (FAAS_DEPS=off)")
+        if not self.available or self.sandbox is None:
+            raise ApiError(503, "libraries are unavailable on this server: its layer store cannot be "
+                                "reached by the sandbox user (see the server log)")
+
+    # -- upload: resolve, lock, build ------------------------------------------------------
+    def lock_and_build(self, requested: Requested) -> tuple[dict[str, Any], LayerInfo]:
+        """Resolve the request to a hashed lock (network), then make sure its layer exists.
+        Returns the version record's `deps` and what the upload answer reports."""
+        self.check_available()
+        tag = self.tag(requested.kind)
+        if not tag:
+            raise ApiError(503, f"{'python3' if requested.kind == 'pip' else 'node'} is not usable for libraries")
+        began = time.monotonic()
+        deadline = began + self.deps.timeout
+        with self.staging() as work:
+            if requested.kind == "pip":
+                lock, pins = self.resolve_pip(work, requested, deadline)
+            else:
+                lock, pins = self.resolve_npm(work, requested, deadline)
+        if len(pins) > self.deps.max_packages:
+            raise ApiError(400, f"the libraries resolve to {len(pins)} packages, more than this server's "
+                                f"limit of {self.deps.max_packages} (FAAS_DEPS_MAX_PACKAGES)")
+        record = {"kind": requested.kind, "requested": requested.as_json(), "lock": lock,
+                  "packages": pins, "tag": tag, "key": layer_key(tag, lock)}
+        resolve_ms = int((time.monotonic() - began) * 1000)
+        return record, dataclasses.replace(self.ensure(record, deadline), resolve_ms=resolve_ms)
+
+    def ensure(self, record: dict[str, Any], deadline: float | None = None) -> LayerInfo:
+        """The record's layer, built from its lock when this node lacks it."""
+        key = record["key"]
+        if self.exists(key):
+            return LayerInfo(key, True, 0, self.size_of(key))
+        self.check_available()
+        if record.get("tag") != self.tag(record["kind"]):
+            raise ApiError(503, f"this version's libraries were locked for {record.get('tag')}, this server "
+                                f"runs {self.tag(record['kind']) or 'nothing usable'}: upload it again here")
+        deadline = deadline or time.monotonic() + self.deps.timeout
+        began = time.monotonic()
+        if not self.build_slots.acquire(timeout=max(0, deadline - time.monotonic())):
+            raise ApiError(503, "another library build is still running; retry shortly",
+                           headers={"Retry-After": "5"})
+        try:
+            with self.key_lock(key):
+                if self.exists(key):
+                    return LayerInfo(key, True, 0, self.size_of(key))
+                LOG.info("building layer %s from lock (%s, %d packages)", key, record["kind"],
+                         len(record.get("packages", [])))
+                try:
+                    size = self.build(record, deadline)
+                except ApiError:
+                    self.count_build("failed", time.monotonic() - began)
+                    raise
+        finally:
+            self.build_slots.release()
+        seconds = time.monotonic() - began
+        self.count_build("ok", seconds)
+        LOG.info("built layer %s in %d ms, %d bytes", key, seconds * 1000, size)
+        if self.totals()[1] > self.deps.max_total:
+            self.collect_soon()
+        return LayerInfo(key, False, int(seconds * 1000), size)
+
+    def count_build(self, result: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("faas_deps_builds_total", result=result)
+            self.metrics.observe("faas_deps_build_seconds", seconds)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh, unguessably named directory the build sandbox may write (any sandbox
+        uid: 0777 below the unlistable tmp/), removed whatever happens."""
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=self.tmp))
+        try:
+            os.chmod(work, 0o777)
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def write_config(self, work: Path, kind: str) -> None:
+        """Index settings as a config file the build reads: never on a command line."""
+        if kind == "pip":
+            lines = ["[global]", "disable-pip-version-check = true", "no-input = true"]
+            if self.deps.index_url:
+                lines.append(f"index-url = {self.deps.index_url}")
+            if self.deps.extra_index_url:
+                lines.append(f"extra-index-url = {self.deps.extra_index_url}")
+            if self.deps.find_links:
+                lines.append(f"find-links = {FIND_LINKS_IN_SANDBOX if '://' not in self.deps.find_links else self.deps.find_links}")
+            if self.deps.no_index:
+                lines.append("no-index = true")
+            (work / "pip.conf").write_text("\n".join(lines) + "\n")
+            os.chmod(work / "pip.conf", 0o644)
+        else:
+            lines = ["audit=false", "fund=false", "update-notifier=false", "progress=false",
+                     f"cache={BUILD_DIR_IN_SANDBOX}/cache"]
+            if self.deps.npm_registry:
+                lines.append(f"registry={self.deps.npm_registry}")
+            (work / ".npmrc").write_text("\n".join(lines) + "\n")
+            os.chmod(work / ".npmrc", 0o644)
+
+    def run_phase(self, work: Path, script: str, net: bool, deadline: float, what: str,
+                  watch: tuple[Path, ...] = ()) -> Outcome:
+        """One build step in a sandbox: the run sandbox's flags plus the staging dir at
+        /out, network only when `net`. Killed at the deadline or when `watch` grows past
+        FAAS_DEPS_MAX_SIZE."""
+        assert self.sandbox is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BuildFailed(504, f"building the libraries took longer than FAAS_DEPS_TIMEOUT="
+                                   f"{self.deps.timeout:g} s ({what})")
+        limits = Limits(memory=self.deps.memory, cpus=1.0, pids=256, timeout=remaining,
+                        output=1 << 20, tmp_size=self.deps.max_size)
+        base = build_sandbox_argv(self.sandbox.base_argv, work, net, self.deps.find_links)
+        started = self.sandbox.start(["/bin/sh", "-c", script], limits, result_fd=False, base=base)
+        too_big = threading.Event()
+        done = threading.Event()
+        if watch:
+            threading.Thread(target=self.watch_size, args=(watch, started, too_big, done), daemon=True).start()
+        try:
+            outcome = self.sandbox.complete(started, b"", limits, None, since=started.born)
+        finally:
+            done.set()
+        output = bytes(outcome.stderr[-4096:] + outcome.stdout[-4096:])
+        if too_big.is_set() or outcome.signal == signal.SIGXFSZ or b"[Errno 27]" in output or b"EFBIG" in output \
+                or sum(map(tree_size, watch)) > self.deps.max_size:
+            raise BuildFailed(400, f"the libraries are too large: over {self.deps.max_size} bytes "
+                                   "installed (FAAS_DEPS_MAX_SIZE)")
+        if outcome.status == "timeout":
+            raise BuildFailed(504, f"building the libraries took longer than FAAS_DEPS_TIMEOUT="
+                                   f"{self.deps.timeout:g} s ({what})")
+        if outcome.oom:
+            raise BuildFailed(500, f"{what} ran out of memory (FAAS_DEPS_MEMORY={self.deps.memory} bytes)")
+        return outcome
+
+    def watch_size(self, paths: tuple[Path, ...], started: Started, too_big: threading.Event,
+                   done: threading.Event) -> None:
+        while not done.wait(0.5):
+            if sum(map(tree_size, paths)) > self.deps.max_size:
+                too_big.set()
+                started.cgroup.kill()
+                return
+
+    def resolve_pip(self, work: Path, requested: Requested, deadline: float) -> tuple[str, list[str]]:
+        self.write_config(work, "pip")
+        reqs = " ".join(shlex.quote(entry) for entry in requested.entries)   # type: ignore[arg-type]
+        outcome = self.run_phase(work, (
+            f"cd {BUILD_DIR_IN_SANDBOX} && PIP_CONFIG_FILE={BUILD_DIR_IN_SANDBOX}/pip.conf exec /usr/bin/python3 "
+            f"-m pip install -q --dry-run --ignore-installed --only-binary :all: --cache-dir "
+            f"{BUILD_DIR_IN_SANDBOX}/cache --report {BUILD_DIR_IN_SANDBOX}/report.json {reqs}"),
+            True, deadline, "resolving")
+        report = work / "report.json"
+        if outcome.exit_code != 0 or not report.is_file():
+            raise self.pip_error(outcome)
+        return pip_lock(json.loads(report.read_text()))
+
+    @staticmethod
+    def pip_error(outcome: Outcome) -> ApiError:
+        text = tail(outcome.stderr.decode("utf-8", "replace") + outcome.stdout.decode("utf-8", "replace"))
+        missing = re.search(r"No matching distribution found for (\S+)", text)
+        if missing:
+            return BuildFailed(400, f"no binary wheel of {missing.group(1)} for this server's Python (or no "
+                                    "such project or version): faas installs binary wheels only, so that no "
+                                    "package code runs while building; ask the operator to add a wheel "
+                                    "(FAAS_DEPS_FIND_LINKS)", output=text)
+        return BuildFailed(400, "pip could not resolve the requirements", output=text)
+
+    def resolve_npm(self, work: Path, requested: Requested, deadline: float) -> tuple[str, list[str]]:
+        self.write_config(work, "npm")
+        self.write_package_json(work, requested.as_json())
+        outcome = self.run_phase(work, (
+            f"cd {BUILD_DIR_IN_SANDBOX} && exec npm install --package-lock-only --ignore-scripts "
+            "--no-audit --no-fund --loglevel=error"), True, deadline, "resolving")
+        lock_file = work / "package-lock.json"
+        if outcome.exit_code != 0 or not lock_file.is_file():
+            text = tail(outcome.stderr.decode("utf-8", "replace"))
+            raise BuildFailed(400, "npm could not resolve the dependencies", output=text)
+        lock = lock_file.read_text()
+        return lock, npm_pins(json.loads(lock), self.registry_ok)
+
+    def registry_ok(self, resolved: str) -> bool:
+        registry = self.deps.npm_registry or "https://registry.npmjs.org/"
+        return resolved.startswith(registry.rstrip("/") + "/")
+
+    @staticmethod
+    def write_package_json(work: Path, dependencies: dict[str, str]) -> None:
+        (work / "package.json").write_text(json.dumps(
+            {"name": "faas-layer", "version": "1.0.0", "private": True, "dependencies": dependencies}, indent=2))
+        os.chmod(work / "package.json", 0o644)
+
+    def build(self, record: dict[str, Any], deadline: float) -> int:
+        """Build the layer of a lock into staging, then move it into place atomically."""
+        with self.staging() as work:
+            tree = work / "layer"
+            tree.mkdir()
+            os.chmod(tree, 0o777)
+            if record["kind"] == "pip":
+                self.build_pip(work, record, deadline)
+            else:
+                self.build_npm(work, record, deadline)
+            size = tree_size(tree)
+            if size > self.deps.max_size:
+                raise BuildFailed(400, f"the libraries are too large: {size} bytes installed, over "
+                                       f"{self.deps.max_size} (FAAS_DEPS_MAX_SIZE)")
+            meta = {"key": record["key"], "kind": record["kind"], "tag": record["tag"], "lock": record["lock"],
+                    "packages": record.get("packages", []), "size": size, "built": time.time()}
+            (tree / "faas-layer.json").write_text(json.dumps(meta, indent=1))
+            seal(tree)
+            try:
+                os.rename(tree, self.path(record["key"]))
+            except OSError:
+                if not self.exists(record["key"]):   # not another process' identical build
+                    raise
+        return size
+
+    def build_pip(self, work: Path, record: dict[str, Any], deadline: float) -> None:
+        self.write_config(work, "pip")
+        (work / "lock.txt").write_text(record["lock"])
+        os.chmod(work / "lock.txt", 0o644)
+        out = BUILD_DIR_IN_SANDBOX
+        pip = "/usr/bin/python3 -m pip"
+        outcome = self.run_phase(work, (
+            f"cd {out} && export PIP_CONFIG_FILE={out}/pip.conf && exec {pip} download -q --only-binary :all: --no-deps --require-hashes "
+            f"--cache-dir {out}/cache -d {out}/wheels -r {out}/lock.txt"), True, deadline, "downloading")
+        if outcome.exit_code != 0:
+            raise self.pip_error(outcome)
+        unpacked = 0
+        for wheel in (work / "wheels").glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                unpacked += sum(info.file_size for info in archive.infolist())
+        if unpacked > self.deps.max_size:
+            raise BuildFailed(400, f"the libraries are too large: {unpacked} bytes unpacked, over "
+                                   f"{self.deps.max_size} (FAAS_DEPS_MAX_SIZE)")
+        # Offline: install from the downloaded wheels, then compile bytecode that stays
+        # valid on a read-only tree (unchecked-hash: mtimes do not matter).
+        outcome = self.run_phase(work, (
+            f"cd {out} && mkdir tmp && export PIP_CONFIG_FILE={out}/pip.conf TMPDIR={out}/tmp && "
+            f"{pip} install -q --no-index --find-links {out}/wheels --only-binary :all: --no-deps "
+            f"--require-hashes --no-compile --target {out}/layer/site -r {out}/lock.txt && exec /usr/bin/python3 "
+            f"-m compileall -q -j 1 --invalidation-mode unchecked-hash {out}/layer/site"),
+            False, deadline, "installing", watch=(work / "layer", work / "tmp"))
+        if outcome.exit_code != 0:
+            raise BuildFailed(500, "installing the libraries failed",
+                              output=tail(outcome.stderr.decode("utf-8", "replace")))
+
+    def build_npm(self, work: Path, record: dict[str, Any], deadline: float) -> None:
+        self.write_config(work, "npm")
+        self.write_package_json(work, record["requested"])
+        (work / "package-lock.json").write_text(record["lock"])
+        os.chmod(work / "package-lock.json", 0o644)
+        outcome = self.run_phase(work, (
+            f"cd {BUILD_DIR_IN_SANDBOX} && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && "
+            f"exec mv node_modules package.json package-lock.json layer/"), True, deadline, "installing",
+            watch=(work / "node_modules",))
+        if outcome.exit_code != 0:
+            raise BuildFailed(500, "installing the libraries failed",
+                              output=tail(outcome.stderr.decode("utf-8", "replace")))
+
+    def size_of(self, key: str) -> int:
+        try:
+            return int(json.loads((self.path(key) / "faas-layer.json").read_text()).get("size", 0))
+        except (OSError, ValueError):
+            return 0
+
+    # -- calls ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, key: str) -> Iterator[None]:
+        """Hold the layer for a call: a shared flock GC (of any process) respects, and the
+        last-use time, written at most once a minute."""
+        fd = os.open(self.used / key, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if not self.exists(key):   # removed between Layers.ensure and now
+                raise ApiError(503, "this version's libraries were just removed from this server; retry",
+                               headers={"Retry-After": "1"})
+            now = time.time()
+            if now - self.touched.get(key, 0) > 60:
+                self.touched[key] = now
+                os.utime(fd)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- warm imports -----------------------------------------------------------------------
+    def warm_argv(self, runtime: Runtime, deps: dict[str, Any], code: str) -> tuple[str, ...] | None:
+        """The pool entry of this version's warm sandboxes: its interpreter started with the
+        layer added and the layer's modules the code imports already imported. Registered
+        on the first call; at most FAAS_DEPS_WARM_LAYERS of them, least recently called
+        dropped. None when there is nothing worth preloading."""
+        if not self.deps.warm or self.pool is None:
+            return None
+        modules = self.preload_modules(deps, code)
+        if not modules:
+            return None
+        argv = (*runtime.argv, f"--layer={LAYERS_IN_SANDBOX}/{deps['key']}", "--preload=" + ",".join(modules))
+        with self.warm_lock:
+            known = argv in self.warm
+            self.warm[argv] = None
+            self.warm.move_to_end(argv)
+            dropped = []
+            while len(self.warm) > self.deps.warm_layers:
+                dropped.append(self.warm.popitem(last=False)[0])
+        for old in dropped:
+            self.pool.remove(old)
+        if not known:
+            self.pool.add(argv, self.deps.warm)
+        return argv
+
+    def preload_modules(self, deps: dict[str, Any], code: str) -> tuple[str, ...]:
+        """Top-level modules of the layer that the code imports (Python), or requested
+        packages it requires or imports (Node); remembered per layer and code."""
+        cache_key = (deps["key"], hashlib.sha256(code.encode()).hexdigest())
+        if cache_key not in self.modules:
+            if len(self.modules) > 1024:
+                self.modules.clear()
+            if deps["kind"] == "pip":
+                imported = set()
+                for match in re.finditer(r"(?m)^\s*(?:from\s+([A-Za-z_]\w*)|import\s+([A-Za-z_][\w.]*(?:\s*,\s*[A-Za-z_][\w.]*)*))", code):
+                    names = [match.group(1)] if match.group(1) else match.group(2).split(",")
+                    imported.update(name.strip().split(".")[0] for name in names)
+                found = sorted(imported & self.top_level_modules(deps["key"]))
+            else:
+                found = sorted(name for name in deps["requested"] if re.search(
+                    r"""(?:require|import)\s*\(\s*['"]""" + re.escape(name) + r"""['"]|from\s+['"]""" + re.escape(name) + r"""['"]""", code))
+            self.modules[cache_key] = tuple(found[:16])
+        return self.modules[cache_key]
+
+    def top_level_modules(self, key: str) -> set[str]:
+        try:
+            entries = os.listdir(self.path(key) / "site")
+        except OSError:
+            return set()
+        return {entry.split(".")[0] for entry in entries
+                if not entry.endswith((".dist-info", ".libs", ".pth")) and entry not in ("__pycache__", "bin")
+                and re.fullmatch(r"[A-Za-z_]\w*", entry.split(".")[0])}
+
+    def describe(self) -> dict[str, Any]:
+        """/healthz: the layer store and the warm sandboxes of called layers."""
+        count, size = self.totals()
+        warm = {}
+        if self.pool is not None:
+            with self.pool.lock:
+                for argv in list(self.warm):
+                    if argv in self.pool.stats:
+                        warm[f"{argv[-2].rsplit('/', 1)[-1][:12]} {argv[-1][10:]}"] = self.pool.describe_one(argv)
+        return {"enabled": self.deps.enabled, "available": self.available, "layers": count, "bytes": size,
+                "warm": warm}
+
+    # -- operator commands -------------------------------------------------------------------
+    def listing(self, referenced: dict[str, int]) -> list[dict[str, Any]]:
+        rows = []
+        for layer in sorted(self.layers.iterdir()) if self.layers.is_dir() else []:
+            try:
+                meta = json.loads((layer / "faas-layer.json").read_text())
+            except (OSError, ValueError):
+                continue
+            rows.append({"key": layer.name, "kind": meta.get("kind"), "size": meta.get("size", 0),
+                         "packages": meta.get("packages", []), "last_used": self.last_used(layer.name),
+                         "versions": referenced.get(layer.name, 0)})
+        return rows
+
+    def last_used(self, key: str) -> float:
+        for path in (self.used / key, self.path(key) / "faas-layer.json"):
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    def totals(self) -> tuple[int, int]:
+        rows = self.listing({})
+        return len(rows), sum(row["size"] for row in rows)
+
+    GC_INTERVAL = 3600.0
+
+    def start_collector(self, store: Store, stopping: threading.Event) -> None:
+        """Collect garbage every GC_INTERVAL seconds and soon after a delete (collect_soon)."""
+        self.collect_wake = threading.Event()
+
+        def loop() -> None:
+            while not stopping.is_set():
+                self.collect_wake.wait(self.GC_INTERVAL)
+                self.collect_wake.clear()
+                if stopping.is_set():
+                    return
+                try:
+                    removed = self.gc(set(store.layer_keys()), self.deps.grace)
+                except Exception:   # a store outage must not end the collector
+                    LOG.exception("layer garbage collection failed")
+                    continue
+                if removed:
+                    LOG.info("removed %d layers (unreferenced, or over FAAS_DEPS_MAX_TOTAL): %s", len(removed),
+                             " ".join(removed))
+        if self.available:
+            threading.Thread(target=loop, name="layer-gc", daemon=True).start()
+
+    def collect_soon(self) -> None:
+        wake = getattr(self, "collect_wake", None)
+        if wake is not None:
+            wake.set()
+
+    def forget_warm(self, key: str) -> None:
+        """A removed layer's warm sandboxes go too."""
+        with self.warm_lock:
+            gone = [argv for argv in self.warm if f"{LAYERS_IN_SANDBOX}/{key}" in argv[-2]]
+            for argv in gone:
+                del self.warm[argv]
+        for argv in gone:
+            if self.pool is not None:
+                self.pool.remove(argv)
+
+    def gc(self, referenced: set[str], grace: float, dry_run: bool = False) -> list[str]:
+        """Mark and sweep: remove layers no stored version references and unused for
+        `grace` seconds; then, while the store is above FAAS_DEPS_MAX_TOTAL, referenced
+        ones idle for min(grace, 60) s, least recently used first (rebuilt from their lock
+        when needed). Never one a call holds (of any server process on this directory)."""
+        rows, now = self.listing({}), time.time()
+        removed = [row["key"] for row in rows if row["key"] not in referenced
+                   and now - row["last_used"] >= grace and self.remove(row["key"], dry_run)]
+        total = sum(row["size"] for row in rows if row["key"] not in removed)
+        for row in sorted(rows, key=lambda row: row["last_used"]):
+            if total <= self.deps.max_total:
+                break
+            if row["key"] not in removed and now - row["last_used"] >= min(grace, 60) \
+                    and self.remove(row["key"], dry_run):
+                removed.append(row["key"])
+                total -= row["size"]
+        return removed
+
+    def remove(self, key: str, dry_run: bool) -> bool:
+        """Remove one layer unless a call holds it. Renamed into tmp/ first: a half-removed
+        tree is never seen under a key."""
+        fd = os.open(self.used / key, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False   # a call is using it
+            if not dry_run:
+                self.forget_warm(key)
+                trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.tmp))
+                os.rename(self.path(key), trash / key)
+                shutil.rmtree(trash, ignore_errors=True)
+                os.unlink(self.used / key)
+            return True
+        finally:
+            os.close(fd)
+
+
+def seal(tree: Path) -> None:
+    """Root-owned and read-only for everyone: directories 0555, files 0444 (0555 when
+    executable). World-readable, so any sandbox uid can use the layer."""
+    for directory, dirs, files in os.walk(tree):
+        for name in [*dirs, *files]:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                if os.geteuid() == 0:
+                    os.lchown(path, 0, 0)
+                continue
+            mode = os.lstat(path).st_mode
+            if os.geteuid() == 0:
+                os.chown(path, 0, 0)
+            os.chmod(path, 0o555 if stat.S_ISDIR(mode) or mode & 0o111 else 0o444)
+    if os.geteuid() == 0:
+        os.chown(tree, 0, 0)
+    os.chmod(tree, 0o555)
+
+
+def build_sandbox_argv(base: list[str], work: Path, net: bool, find_links: str) -> list[str]:
+    """The run sandbox's argv for a build step: the same namespaces, user, capabilities
+    and read-only system, plus the staging dir at /out (the only writable place besides
+    /tmp), the files name resolution and TLS need, and the network when asked."""
+    argv = list(base)
+    root_ro = next(i for i in range(len(argv) - 1) if argv[i] == "--remount-ro" and argv[i + 1] == "/")
+    extra = ["--bind", str(work), BUILD_DIR_IN_SANDBOX]
+    for path in ("/etc/ssl", "/etc/ca-certificates", "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf",
+                 "/etc/pip.conf", "/etc/npmrc", "/etc/host.conf", "/etc/gai.conf"):
+        extra += ["--ro-bind-try", path, path]
+    if find_links and "://" not in find_links:
+        extra += ["--ro-bind", find_links, FIND_LINKS_IN_SANDBOX]
+    argv[root_ro:root_ro] = extra
+    if net:
+        argv.insert(argv.index("--unshare-all") + 1, "--share-net")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        if os.environ.get(name):
+            argv += ["--setenv", name, os.environ[name]]
+    return argv
+
+
+def layer_request(record: dict[str, Any] | None) -> dict[str, str]:
+    """What a call's request adds for its wrapper: the layer to load, if any."""
+    return {"layer": f"{LAYERS_IN_SANDBOX}/{record['key']}"} if record else {}
+
+
+def thread_variables(max_cpus: float) -> list[str]:
+    """BLAS/OpenMP pools sized to the run's CPU limit: OpenBLAS otherwise starts a thread
+    per host CPU, and `import numpy` fails under the default limits on 8+ core hosts."""
+    threads = str(max(1, int(max_cpus)))
+    return [arg for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            for arg in ("--setenv", name, threads)]
+
+
+def deps_summary(record: dict[str, Any], with_lock: bool = False) -> dict[str, Any]:
+    """A version's libraries as answers show them: asked for, pinned, the layer key."""
+    summary = {"kind": record["kind"], "requested": record["requested"], "packages": record.get("packages", []),
+               "key": record["key"]}
+    return {**summary, "lock": record["lock"]} if with_lock else summary
 
 
 # ==========================================================================================
@@ -1317,9 +2226,11 @@ class Sandbox:
     world-readable runtime directory, so the unprivileged sandbox user can read them wherever
     the server itself is installed."""
 
-    def __init__(self, config: Config, limits: LimitBackend, runtime_dir: Path) -> None:
+    def __init__(self, config: Config, limits: LimitBackend, runtime_dir: Path,
+                 layers_dir: Path | None = None) -> None:
         self.config = config
         self.limits = limits
+        self.layers_dir = layers_dir   # bound read-only into every sandbox (see Layers)
         self.bwrap = shutil.which("bwrap") or "bwrap"
         self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         self.drop_privileges = os.geteuid() == 0
@@ -1361,9 +2272,11 @@ class Sandbox:
             "--ro-bind", f"{rt}/passwd", "/etc/passwd", "--ro-bind", f"{rt}/group", "/etc/group",
             "--ro-bind", f"{rt}/wrappers", WRAPPERS_IN_SANDBOX,
             *(["--ro-bind", f"{rt}/esbuild", ESBUILD_IN_SANDBOX] if self.has_esbuild else []),
+            *(["--ro-bind", str(self.layers_dir), LAYERS_IN_SANDBOX] if self.layers_dir else []),
             "--remount-ro", "/",
             "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin",
             "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp",
+            *thread_variables(self.config.max_cpus),
         ]
 
     def gate(self, limits: Limits, cgroup: RunCgroup) -> list[str]:
@@ -1377,9 +2290,11 @@ class Sandbox:
         steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
         return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
 
-    def start(self, argv: list[str], limits: Limits, result_fd: bool = True) -> "Started":
+    def start(self, argv: list[str], limits: Limits, result_fd: bool = True,
+              base: list[str] | None = None) -> "Started":
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
-        the request on stdin. Nothing of the caller's runs until `complete` sends it."""
+        the request on stdin. Nothing of the caller's runs until `complete` sends it. `base`
+        replaces the bwrap argv (a layer build's)."""
         began = time.monotonic()
         cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
         result_r = -1
@@ -1390,7 +2305,7 @@ class Sandbox:
                 result_r, result_w = os.pipe()
                 child_fds.append(result_w)
                 tail = [str(result_w)]
-            command = [*self.gate(limits, cgroup), *cgroup.command_prefix(), *self.base_argv,
+            command = [*self.gate(limits, cgroup), *cgroup.command_prefix(), *(base or self.base_argv),
                        "--seccomp", str(child_fds[0]), "--", *argv, *tail]
             try:
                 proc = subprocess.Popen(
@@ -1603,6 +2518,7 @@ class Pool:
         self.idle: dict[tuple[str, ...], list[Started]] = {argv: [] for argv in sizes}
         self.stats = {argv: {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0} for argv in sizes}
         self.lock = threading.Lock()
+        self.extra: set[tuple[str, ...]] = set()   # added later (layers' warm sandboxes)
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.memory_available = Every(1.0, memory_available)
@@ -1617,7 +2533,8 @@ class Pool:
             return None
         while True:
             with self.lock:
-                started = self.idle[argv].pop(0) if self.idle[argv] else None
+                idle = self.idle.get(argv)
+                started = idle.pop(0) if idle else None
             if started is None or reap(started.proc, 0)[0] is None:
                 break
             if not self.sandbox.discard(started).joined:   # died while idle: try the next one
@@ -1625,11 +2542,36 @@ class Pool:
         if started is not None and limits.memory != started.limits.memory \
                 and not started.cgroup.lower_memory(limits.memory):
             with self.lock:
-                self.idle[argv].insert(0, started)   # fine for the next call; this one goes cold
+                self.idle.get(argv, []).insert(0, started)   # fine for the next call; this one goes cold
             started = None
         with self.lock:
-            self.stats[argv]["hits" if started else "misses"] += 1
+            if argv in self.stats:
+                self.stats[argv]["hits" if started else "misses"] += 1
         return started
+
+    def add(self, argv: tuple[str, ...], size: int) -> None:
+        """Pre-start `size` sandboxes of another argv from now on (a library layer's warm
+        interpreters); `remove` stops and ends them."""
+        with self.lock:
+            if argv in self.sizes:
+                return
+            self.sizes[argv] = size
+            self.idle[argv] = []
+            self.stats[argv] = {"hits": 0, "misses": 0, "started": 0, "spawn_ms_total": 0.0}
+            self.extra.add(argv)
+        if not self.thread.is_alive() and not self.closing.is_set():
+            with contextlib.suppress(RuntimeError):   # started by a concurrent add
+                self.thread.start()
+        self.wake.set()
+
+    def remove(self, argv: tuple[str, ...]) -> None:
+        with self.lock:
+            self.sizes.pop(argv, None)
+            self.stats.pop(argv, None)
+            self.extra.discard(argv)
+            victims = self.idle.pop(argv, [])
+        for started in victims:
+            self.sandbox.discard(started)
 
     def refill(self) -> None:
         """Called once a call has its answer: a spawn started while a call runs slows that
@@ -1651,9 +2593,13 @@ class Pool:
                 self.closing.wait(1.0)
                 continue
             with self.lock:
-                self.idle[argv].append(started)
-                self.stats[argv]["started"] += 1
-                self.stats[argv]["spawn_ms_total"] += started.spawn_ms
+                removed = argv not in self.idle
+                if not removed:
+                    self.idle[argv].append(started)
+                    self.stats[argv]["started"] += 1
+                    self.stats[argv]["spawn_ms_total"] += started.spawn_ms
+            if removed:
+                self.sandbox.discard(started)
 
     def next_to_fill(self) -> tuple[str, ...] | None:
         """The emptiest pool below its size, unless memory is short: then shrink instead."""
@@ -1682,11 +2628,14 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         with self.lock:
-            return {pool_name(argv): {
-                "size": self.sizes[argv], "idle": len(self.idle[argv]), "hits": stats["hits"],
+            return {pool_name(argv): self.describe_one(argv)
+                    for argv in self.stats if argv not in self.extra}
+
+    def describe_one(self, argv: tuple[str, ...]) -> dict[str, Any]:
+        stats = self.stats[argv]
+        return {"size": self.sizes[argv], "idle": len(self.idle[argv]), "hits": stats["hits"],
                 "misses": stats["misses"], "started": stats["started"],
                 "spawn_ms_avg": round(stats["spawn_ms_total"] / stats["started"], 2) if stats["started"] else None}
-                for argv, stats in self.stats.items()}
 
     def close(self) -> None:
         self.closing.set()
@@ -1893,9 +2842,11 @@ class SizedCache:
 class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
-    def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics,
+                 layers: Layers) -> None:
         self.config = config
         self.store = store
+        self.layers = layers
         self.sandbox = sandbox
         self.pool = pool
         self.metrics = metrics
@@ -1961,20 +2912,30 @@ class Invoker:
         return found
 
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
-               sink: LineSink | None, on_start: Callable[[], None] | None = None
-               ) -> tuple[int, dict[str, Any], Callable[[], None]]:
+               sink: LineSink | None, on_start: Callable[[], None] | None = None,
+               deps: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], Callable[[], None]]:
         """Run one call: (HTTP status, answer, what to do once the answer is sent). `on_start`
         runs once a slot is taken, so a stream only begins when the call will really run
-        (an overloaded server answers 429 as JSON)."""
-        request = json.dumps({"code": code, "event": event, "language": runtime.language}).encode()
-        with self.slots:
-            if on_start is not None:
-                on_start()
-            outcome = self.run_sandboxed(runtime.argv, request, limits, sink)
+        (an overloaded server answers 429 as JSON). `deps`: the version's libraries, whose
+        layer exists on this node (Layers.ensure) and is held until the sandbox is gone."""
+        request = json.dumps({"code": code, "event": event, "language": runtime.language,
+                              **layer_request(deps)}).encode()
+        holding = self.layers.using(deps["key"]) if deps else contextlib.nullcontext()
+        holding.__enter__()
+        try:
+            with self.slots:
+                if on_start is not None:
+                    on_start()
+                outcome = self.run_sandboxed(runtime.argv, request, limits, sink,
+                                             self.layers.warm_argv(runtime, deps, code) if deps else None)
+        except BaseException:
+            holding.__exit__(None, None, None)
+            raise
         try:
             status, answer = build_answer(outcome, limits)
         except BaseException:
             outcome.cleanup()
+            holding.__exit__(None, None, None)
             raise
         self.metrics.inc("faas_calls_total", function=function, language=runtime.language, status=outcome.status)
         self.metrics.observe("faas_call_duration_seconds", outcome.duration_ms / 1000, language=runtime.language)
@@ -1984,13 +2945,15 @@ class Invoker:
         def after_answer() -> None:
             """End the sandbox, then start its replacement: neither slows the answer."""
             outcome.cleanup()
+            holding.__exit__(None, None, None)
             self.pool.refill()
         return status, answer, after_answer
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
-                      sink: LineSink | None) -> Outcome:
-        """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
-        started = self.pool.take(argv, limits)
+                      sink: LineSink | None, warm: tuple[str, ...] | None = None) -> Outcome:
+        """A pre-started sandbox when the pool has one (one that already imported the
+        version's libraries first), else a cold one: never a wait."""
+        started = (self.pool.take(warm, limits) if warm else None) or self.pool.take(argv, limits)
         if started is None:
             started = self.sandbox.start([*argv, "--cold"], limits)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
@@ -2034,6 +2997,8 @@ class Metrics:
         "faas_uploads_total": ("counter", "Stored uploads by language."),
         "faas_store_errors_total": ("counter", "Requests that failed because the store did."),
         "faas_http_requests_total": ("counter", "HTTP requests by route and status code."),
+        "faas_deps_builds_total": ("counter", "Library layer builds by result (ok, failed)."),
+        "faas_deps_build_seconds": ("histogram", "Wall time of library layer builds."),
     }
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -2348,6 +3313,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if version_number is not None:
             version = self.app.invoker.resolve(path, version_number)
             answer.update(version=version.version, code=version.code)
+            if version.deps:
+                answer["dependencies"] = deps_summary(version.deps, with_lock=True)
         self.send_json(200, answer)
 
     def patch_function(self, path: str) -> None:
@@ -2370,6 +3337,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.app.invoker.resolve(path, version_number)   # says which of the two is unknown
             raise ApiError(404, f"no function at path '{path}'")
         remaining = self.app.store.describe(path)
+        self.app.layers.collect_soon()   # their layers may now be unreferenced
         LOG.info("deleted request_id=%s path=%s version=%s count=%d", self.request_id, path,
                  version_number or "all", deleted)
         self.send_json(200, {"path": path, "deleted": deleted, "latest": remaining and remaining["latest"]})
@@ -2381,12 +3349,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = check_code(body.get("code"))
         limits = requested_limits(body)
         self.app.invoker.limits.lowered(limits)   # validates; stored as asked, capped at run time
+        requested = check_dependencies(body, runtime, self.app.config.deps)
         compiled = self.app.invoker.prepare(runtime, code)
-        version = self.app.store.put(path, runtime.language, code, compiled, limits)
+        deps, layer = self.app.layers.lock_and_build(requested) if requested else (None, None)
+        version = self.app.store.put(path, runtime.language, code, compiled, limits, deps)
         self.app.metrics.inc("faas_uploads_total", language=runtime.language)
         LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
                  version.version, runtime.language)
-        self.send_json(200, {"path": path, "language": runtime.language, "version": version.version})
+        answer: dict[str, Any] = {"path": path, "language": runtime.language, "version": version.version}
+        if deps and layer:
+            answer["dependencies"] = {**deps_summary(deps), "cached": layer.cached, "build_ms": layer.build_ms,
+                                      "resolve_ms": layer.resolve_ms, "size": layer.size}
+        self.send_json(200, answer)
 
     def post_run(self, path: str) -> None:
         version_number = self.query_version()
@@ -2396,8 +3370,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
-        self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream,
-                 {"version": version.version})
+        extra: dict[str, Any] = {"version": version.version}
+        if version.deps:   # built here first if this node lacks it: not charged to the timeout
+            layer = self.app.layers.ensure(version.deps)
+            if not layer.cached:
+                extra["deps_build_ms"] = layer.build_ms
+        self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream, extra,
+                 version.deps)
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -2406,14 +3385,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         stream = self.wants_stream(body)
         event = parse_input(body)
         limits = self.app.invoker.limits.lowered(requested_limits(body))
+        requested = check_dependencies(body, runtime, self.app.config.deps)
         if runtime.transpile:
             code = self.app.invoker.transpile(code)
-        self.run("run-now", runtime, code, event, limits, stream, {})
+        deps, extra = None, {}
+        if requested:
+            deps, layer = self.app.layers.lock_and_build(requested)
+            extra = {"dependencies": {**deps_summary(deps), "cached": layer.cached, "size": layer.size}}
+            if not layer.cached:
+                extra["deps_build_ms"] = layer.build_ms
+        self.run("run-now", runtime, code, event, limits, stream, extra, deps)
 
     def run(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
-            extra: dict[str, Any]) -> None:
+            extra: dict[str, Any], deps: dict[str, Any] | None = None) -> None:
         if not stream:
-            status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None)
+            status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None,
+                                                                   deps=deps)
             try:
                 self.send_json(status, {**answer, **extra})
                 self.wfile.flush()
@@ -2426,7 +3413,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
         status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits,
-                                                               log_line, on_start=self.start_sse)
+                                                               log_line, on_start=self.start_sse, deps=deps)
         try:
             answer = {**answer, **extra}
             for field in ("stdout", "stderr"):   # already streamed line by line
@@ -2526,17 +3513,22 @@ class App:
         runtime_base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-", dir=runtime_base))
         self.limit_backend = choose_limit_backend(config)
-        self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir)
+        self.layers = Layers(config, self.metrics, serving=True)
+        self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir,
+                               self.layers.layers if self.layers.available else None)
+        self.layers.sandbox = self.sandbox
         pool_sizes = {runtime.argv: config.pool_sizes[pool_name(runtime.argv)] for runtime in RUNTIMES.values()
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
-        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
+        self.layers.pool = self.pool
+        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.console = Console(CONSOLE_DIR if config.console else None)
         self.started = time.time()
         self.stopping = threading.Event()
         self.server: Server | None = None
+        self.layers.start_collector(self.store, self.stopping)
 
     def health(self) -> dict[str, Any]:
         try:
@@ -2554,12 +3546,13 @@ class App:
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
                          for name, rt in RUNTIMES.items()},
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
-            "max_runs": self.config.max_runs, "pool": self.pool.describe(),
+            "max_runs": self.config.max_runs, "pool": self.pool.describe(), "libraries": self.layers.describe(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
     def render_metrics(self) -> str:
         slots = self.invoker.slots
+        layer_count, layer_bytes = self.layers.totals()
         rejected_connections = self.server.rejected if self.server else 0
         return self.metrics.render({
             "faas_runs_in_flight": ("Sandboxes running now.", slots.active),
@@ -2569,6 +3562,8 @@ class App:
                                                     slots.rejected),
             'faas_rejected_total{reason="connections"}': ("", rejected_connections),
             "faas_uptime_seconds": ("Seconds since the server started.", round(time.time() - self.started, 3)),
+            "faas_deps_layers": ("Library layers on this node's disk.", layer_count),
+            "faas_deps_bytes": ("Bytes of the library layers on this node's disk.", layer_bytes),
         })
 
     def serve(self) -> None:
@@ -2622,6 +3617,7 @@ class App:
 
     def close(self) -> None:
         self.pool.close()
+        self.layers.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -2716,7 +3712,28 @@ def find_dependencies(config: Config) -> list[Dependency]:
         f"cd {HERE} && npm ci --ignore-scripts   (needs npm: apt-get install -y npm)", None, required=False))
     if config.redis_url:
         deps.append(redis_dependency(config))
-    return deps
+    return deps + library_dependencies(config)
+
+
+def library_dependencies(config: Config) -> list[Dependency]:
+    """pip and npm build the libraries functions declare (optional: without them, uploads
+    with requirements/dependencies fail), and the layer store they build into."""
+    if not config.deps.enabled:
+        return [Dependency("libraries", True, "off (FAAS_DEPS=off)", "", None, required=False)]
+    pip = version_of([RUNTIMES["python"].interpreter, "-m", "pip", "--version"])
+    npm = shutil.which("npm")
+    layers = layer_store_root(config) / "layers"
+    count = len([p for p in layers.iterdir() if (p / "faas-layer.json").is_file()]) if layers.is_dir() else 0
+    size = sum(int(json.loads((p / "faas-layer.json").read_text()).get("size", 0))
+               for p in layers.iterdir() if (p / "faas-layer.json").is_file()) if layers.is_dir() else 0
+    return [
+        Dependency("pip", pip.startswith("pip "), pip or "builds Python libraries (requirements)",
+                   "apt-get install -y python3-pip", "python3-pip", required=False),
+        Dependency("npm", bool(npm), f"{npm} ({version_of(['npm', '--version'])})" if npm
+                   else "builds JavaScript libraries (dependencies)", "apt-get install -y npm", "npm",
+                   required=False),
+        Dependency("layer store", True, f"{layers}: {count} layers, {size} bytes", "", None, required=False),
+    ]
 
 
 def redis_dependency(config: Config) -> Dependency:
@@ -3135,6 +4152,59 @@ def run_client(args: Any) -> int:
         return 130
 
 
+def run_deps(config: Config, action: str, dry_run: bool) -> int:
+    """`faas.py deps ls|prefetch|gc`: the layer store of this node against the locks that
+    stored versions reference (the store of FAAS_DATA_DIR or REDIS_URL)."""
+    store = open_store(config)
+    layers = Layers(config)
+    try:
+        referenced = store.layer_keys()
+        if action == "ls":
+            print(f"{'key':<16} {'kind':<4} {'size':>12} {'last used (UTC)':<20} {'versions':>8}  packages")
+            for row in layers.listing(referenced):
+                used = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["last_used"]))
+                print(f"{row['key'][:16]:<16} {row['kind']:<4} {row['size']:>12} {used:<20} "
+                      f"{row['versions']:>8}  {' '.join(row['packages'])}")
+            return 0
+        if action == "gc":
+            removed = layers.gc(set(referenced), config.deps.grace, dry_run)
+            for key in removed:
+                print(f"{'would remove' if dry_run else 'removed'} {key}")
+            print(f"{len(removed)} layers {'to remove' if dry_run else 'removed'}; "
+                  f"{len(layers.listing({}))} left")
+            return 0
+        return prefetch(config, store, layers)
+    finally:
+        store.close()
+
+
+def prefetch(config: Config, store: Store, layers: Layers) -> int:
+    """Build every layer a stored version references and this node lacks."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-"))
+    backend = choose_limit_backend(config)
+    layers.sandbox = Sandbox(config, backend, runtime_dir, layers.layers if layers.available else None)
+    failed = 0
+    try:
+        records = {}
+        for function in store.list_functions():
+            for summary in store.list_versions(function["path"]):
+                version = store.get(function["path"], summary["version"]) if "dependencies" in summary else None
+                if version is not None and version.deps:
+                    records[version.deps["key"]] = version.deps
+        for key, record in records.items():
+            try:
+                info = layers.ensure(record)
+            except ApiError as error:
+                failed += 1
+                print(f"failed  {key}: {error.message}")
+                continue
+            print(f"{'present' if info.cached else 'built':<7} {key} ({info.size} bytes, {info.build_ms} ms)")
+    finally:
+        backend.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
 def load_config(overrides: dict[str, str]) -> Config:
     """The environment, over a .env file in the working directory (as go-faas reads it),
     under the command line's flags."""
@@ -3152,6 +4222,10 @@ def parse_args(argv: list[str]) -> Any:
     serve.add_argument("--data-dir", help="SQLite store directory (FAAS_DATA_DIR)")
     check = commands.add_parser("check", help="list dependencies, with the command that fixes each")
     check.add_argument("--install", action="store_true", help="install missing packages (root, apt-get, npm)")
+    deps = commands.add_parser("deps", help="the library layers on this node: ls, prefetch, gc")
+    deps.add_argument("action", choices=("ls", "prefetch", "gc"))
+    deps.add_argument("--dry-run", action="store_true", help="gc: only list what would be removed")
+    deps.add_argument("--data-dir", help="SQLite store and layer directory (FAAS_DATA_DIR)")
     for name, text in (("install", "copy to PREFIX and install faas.service/faas.slice"),
                        ("uninstall", "remove what install put in place")):
         command = commands.add_parser(name, help=text)
@@ -3207,6 +4281,8 @@ def main(argv: list[str]) -> int:
         return 2
     if args.command == "check":
         return run_check(config, args.install)
+    if args.command == "deps":
+        return run_deps(config, args.action, args.dry_run)
     if not shutil.which("bwrap"):
         print("faas: bwrap (bubblewrap) is not installed; every call runs in a bwrap sandbox, so "
               "the server cannot start. Fix: apt-get install -y bubblewrap "

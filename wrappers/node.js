@@ -17,6 +17,9 @@
  *   {"ok": false, "error": {"type", "message", "stack", "line"}}; then the process exits
  *   at once, without waiting for timers the function left behind.
  * - --check only compiles the wrapped source and writes {"ok": true} or the error.
+ * - "layer" in the request (a version with libraries): /tmp/node_modules becomes a link to
+ *   its node_modules, so require() and import() find them. --layer=DIR --preload=a,b (a
+ *   warm sandbox of the pool): that is done, and the packages required, before the request.
  * - --cold: the request is already waiting (no pool started this process ahead of the
  *   call), so nothing is prepared ahead that the call may not need.
  *
@@ -182,6 +185,29 @@ function writeAll(fd, text) {
   }
 }
 
+/** The version's libraries: node_modules beside the function file serves both require()
+ * and import() (ESM resolution ignores module.paths and NODE_PATH). /tmp is the run's own. */
+function linkLayer(layer) {
+  fs.symlinkSync(layer + '/node_modules', path.join(path.dirname(FILE), 'node_modules'));
+}
+
+/** A warm sandbox (--layer=DIR --preload=a,b): link the layer and require the packages
+ * before the request arrives (an ESM-only one fails here and is imported by the call). */
+function preload() {
+  const layerArg = args.find((a) => a.startsWith('--layer='));
+  if (!layerArg) return null;
+  const layer = layerArg.slice('--layer='.length);
+  linkLayer(layer);
+  const load = Module.createRequire(FILE);
+  const names = (args.find((a) => a.startsWith('--preload=')) || '--preload=').slice('--preload='.length);
+  for (const name of names.split(',').filter(Boolean)) {
+    try {
+      load(name);
+    } catch (e) { /* the function's own require reports it */ }
+  }
+  return layer;
+}
+
 // ---------------------------------------------------------------- main
 const args = process.argv.slice(2);
 const checkOnly = args.includes('--check');
@@ -213,6 +239,7 @@ if (checkOnly || args.includes('--cold')) {
   opened(process.stdout);
   opened(process.stderr);
 }
+const preloadedLayer = preload();
 const req = JSON.parse(fs.readFileSync(0, 'utf8')); // blocks until the server sends it
 const source = wrap(req);
 
@@ -271,6 +298,7 @@ process.on('beforeExit', () => settle(errorResult(
   Object.assign(new Error('the function never returned: its promise was never settled'), { stack: '' }))));
 
 process.argv = [process.argv[0], FILE];
+if (req.layer && req.layer !== preloadedLayer) linkLayer(req.layer);
 const event = req.event === undefined ? null : req.event;
 Promise.resolve()
   .then(() => {
