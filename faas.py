@@ -69,6 +69,7 @@ class ConfigError(Exception):
 
 # The pre-started sandboxes are per wrapper program: node's serves JavaScript and TypeScript.
 POOLS = ("python", "node")
+NOBODY = 65534   # the shared 'nobody' uid: never a sandbox's (research/network.md §7)
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -140,8 +141,9 @@ class Config:
     token: str | None
     invoke_token: str | None
     insecure: bool
-    sandbox_uid: int
-    sandbox_gid: int
+    sandbox_user: str
+    sandbox_uid: int | None      # None: the uid of sandbox_user, resolved at start-up
+    sandbox_gid: int | None
     limits: str
     esbuild: Path | None
 
@@ -167,7 +169,10 @@ class Config:
             raise ConfigError(f"FAAS_HOST={host!r} is not a loopback address: anyone reaching it "
                               "could run code. Set FAAS_TOKEN, or FAAS_INSECURE=1 to accept that")
         esbuild = get("FAAS_ESBUILD") or str(HERE / "node_modules/@esbuild/linux-x64/bin/esbuild")
-        uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID", "65534"), int, 1)
+        uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID"), int, 1) if get("FAAS_SANDBOX_UID") else None
+        if uid == NOBODY:
+            raise ConfigError("FAAS_SANDBOX_UID=65534 is 'nobody', shared with other host processes: "
+                              "leave it unset (faas creates its own user, FAAS_SANDBOX_USER) or pick a free uid")
         cpus = os.cpu_count() or 1
         pool_size = parse_number("FAAS_POOL_SIZE", get("FAAS_POOL_SIZE", "2"), int, 0, 64)
         return cls(
@@ -195,8 +200,10 @@ class Config:
             token=token,
             invoke_token=invoke_token,
             insecure=insecure,
+            sandbox_user=get("FAAS_SANDBOX_USER", "faas-sandbox"),
             sandbox_uid=uid,
-            sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID", str(uid)), int, 1),
+            sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID"), int, 1)
+            if get("FAAS_SANDBOX_GID") else uid,
             limits=limits,
             esbuild=Path(esbuild),
         )
@@ -1305,7 +1312,7 @@ class Sandbox:
     the server itself is installed."""
 
     def __init__(self, config: Config, limits: LimitBackend, runtime_dir: Path) -> None:
-        self.config = config
+        self.config = config = config if config.sandbox_uid is not None else resolve_sandbox_identity(config)
         self.limits = limits
         self.bwrap = shutil.which("bwrap") or "bwrap"
         self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
@@ -1685,6 +1692,81 @@ class Pool:
                 idle.clear()
         for started in everything:
             self.sandbox.discard(started)
+
+
+# ==========================================================================================
+# 5a. Sandbox identity
+# ==========================================================================================
+# Every namespace of a sandbox is owned by the user namespace bwrap creates as the sandbox's
+# host uid, and any other process running as that uid on the host holds full capabilities
+# over it. So the uid belongs to faas alone: a system user of its own, created when missing,
+# and the server refuses to start while a host process that is not a sandbox runs as it.
+
+def create_sandbox_user(name: str) -> None:
+    """A locked system user and group without a home or a login shell."""
+    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+                           "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment",
+                           "faas sandboxes", name], capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 9):   # 9: created meanwhile by another server starting
+        raise ConfigError(f"cannot create the sandbox user {name!r} (FAAS_SANDBOX_USER): "
+                          f"{done.stderr.strip() or 'useradd exited ' + str(done.returncode)}")
+
+
+def sandbox_user_ids(name: str, create: bool) -> tuple[int, int]:
+    """The uid and gid of the sandbox user, created first if missing and `create`."""
+    import pwd
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if not create:
+            raise ConfigError(f"the sandbox user {name!r} (FAAS_SANDBOX_USER) does not exist; "
+                              "`python3 faas.py install` or a server started as root creates it") from None
+        create_sandbox_user(name)
+        entry = pwd.getpwnam(name)
+    if entry.pw_uid in (0, NOBODY):
+        raise ConfigError(f"the sandbox user {name!r} (FAAS_SANDBOX_USER) has uid {entry.pw_uid}, "
+                          "which is not faas's alone")
+    return entry.pw_uid, entry.pw_gid
+
+
+def foreign_processes(uid: int, ours: tuple[str, ...]) -> list[str]:
+    """Processes of this user namespace running as `uid` that are not a sandbox's own start:
+    setpriv and bwrap run as the uid here for a moment (the sandbox itself lives in a user
+    namespace of its own). Any other such process would own every sandbox's namespaces."""
+    own_userns = os.stat("/proc/self/ns/user").st_ino
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = read_text(f"/proc/{name}/status")
+            uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+            if str(uid) not in uids or os.stat(f"/proc/{name}/ns/user").st_ino != own_userns:
+                continue
+            exe = os.readlink(f"/proc/{name}/exe")
+        except (OSError, StopIteration):
+            continue   # gone, or a kernel thread
+        if exe not in ours:
+            found.append(f"pid {name} ({exe})")
+    return found
+
+
+def resolve_sandbox_identity(config: Config) -> Config:
+    """The config with the sandbox's uid and gid filled in. As root: FAAS_SANDBOX_UID, else
+    the FAAS_SANDBOX_USER system user (created if missing); refused when the uid is in use.
+    Not root: sandboxes run as the server's own uid (there is no other to drop to)."""
+    if os.geteuid() != 0:
+        return dataclasses.replace(config, sandbox_uid=os.geteuid(), sandbox_gid=os.getegid())
+    uid, gid = config.sandbox_uid, config.sandbox_gid
+    if uid is None:
+        uid, user_gid = sandbox_user_ids(config.sandbox_user, create=True)
+        gid = gid or user_gid
+    ours = tuple(str(Path(found).resolve()) for found in (shutil.which("bwrap"), shutil.which("setpriv")) if found)
+    others = foreign_processes(uid, ours)
+    if others:
+        raise ConfigError(f"host uid {uid} (the sandbox user, FAAS_SANDBOX_USER/FAAS_SANDBOX_UID) is used by "
+                          f"other processes: {', '.join(others[:5])}; it must belong to faas alone")
+    return dataclasses.replace(config, sandbox_uid=uid, sandbox_gid=gid)
 
 
 # ==========================================================================================
@@ -2494,7 +2576,7 @@ class App:
     """Everything one server process holds: config, store, sandbox, invoker, metrics."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        self.config = config = resolve_sandbox_identity(config)
         self.metrics = Metrics()
         self.store = open_store(config)
         runtime_base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
@@ -2522,6 +2604,7 @@ class App:
             "status": "ok" if store_ok else "degraded",
             "store": self.store.kind, "store_ok": store_ok,
             "sandbox": "bwrap", "seccomp": True, "limits": self.limit_backend.name,
+            "sandbox_uid": self.config.sandbox_uid,
             "runtimes": {name: {"interpreter": rt.interpreter,
                                 "available": os.access(rt.interpreter, os.X_OK)
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
@@ -2735,6 +2818,13 @@ def install(prefix: Path) -> int:
         subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=prefix, check=False)
     else:
         print("TypeScript needs esbuild: apt-get install -y npm, then run this again")
+    user = os.environ.get("FAAS_SANDBOX_USER", "").strip() or "faas-sandbox"
+    try:
+        uid, _ = sandbox_user_ids(user, create=True)
+        print(f"sandbox user {user}: uid {uid} (every call runs as it; FAAS_SANDBOX_USER)")
+    except ConfigError as error:
+        print(f"faas install: {error}", file=sys.stderr)
+        return 1
     for name in UNIT_FILES:
         text = (HERE / name).read_text().replace("/opt/faas", str(prefix))
         (SYSTEMD_DIR / name).write_text(text)

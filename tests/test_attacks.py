@@ -18,6 +18,7 @@ import concurrent.futures
 import errno
 import http.client
 import json
+import pwd
 import re
 import signal
 import socket
@@ -38,7 +39,7 @@ PIDS = 64                       # FAAS_MAX_PIDS (the default, set explicitly)
 OUTPUT = 1 << 20                # FAAS_MAX_OUTPUT (the default, set explicitly)
 TMP_SIZE = 64 << 20             # FAAS_TMP_SIZE
 SHM_SIZE = 16 << 20             # /dev/shm is fixed at 16M
-SANDBOX_UID = 65534
+NOBODY = 65534                  # sandboxes run as faas's own user, never as nobody
 SECRET_NAME = "FAAS_TEST_SECRET"
 SECRET = "attack-secret-" + uuid.uuid4().hex
 ALIVE_WITHIN = 10.0             # seconds a normal call may take after an attack
@@ -748,7 +749,7 @@ def test_server_environment_is_not_visible(anystore, lang):
 
 
 def test_sandbox_uid_is_not_root_on_the_host(srv):
-    """Inside: uid 65534, no capabilities. From the host: every process of the server's
+    """Inside: faas's own sandbox uid (not nobody), no capabilities. From the host: every process of the server's
     sandboxes (found as the server's descendants during a slow call) has real, effective,
     saved and fs uid non-zero and no effective capabilities."""
     mark = marker()
@@ -774,7 +775,9 @@ return [os.getuid(), os.geteuid(), os.getgid(), caps]"""
         assert info["cap_eff"] == 0, (pid, info)
     body = ok(box["r"])
     uid, euid, gid, caps = body["data"]
-    assert (uid, euid, gid) == (SANDBOX_UID, SANDBOX_UID, SANDBOX_UID), short(body)
+    sandbox_uid = srv.get("/healthz").body["sandbox_uid"]
+    assert sandbox_uid not in (0, NOBODY), sandbox_uid
+    assert (uid, euid, gid) == (sandbox_uid, sandbox_uid, pwd.getpwuid(sandbox_uid).pw_gid), short(body)
     assert "CapEff:\t0000000000000000" in caps and "NoNewPrivs:\t1" in caps, caps
     assert_alive(srv)
 
