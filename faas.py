@@ -12,6 +12,7 @@ Standard library only; redis-py is imported only when a Redis store is configure
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -146,6 +147,7 @@ class Config:
     sandbox_gid: int | None
     limits: str
     esbuild: Path | None
+    secret_key: str | None = None     # FAAS_SECRET_KEY; else <data dir>/secret.key
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -206,7 +208,14 @@ class Config:
             if get("FAAS_SANDBOX_GID") else uid,
             limits=limits,
             esbuild=Path(esbuild),
+            secret_key=check_secret_key(get("FAAS_SECRET_KEY")),
         )
+
+
+def check_secret_key(key: str) -> str | None:
+    if key and len(key) < 32:
+        raise ConfigError("FAAS_SECRET_KEY must be at least 32 characters (for example: openssl rand -hex 32)")
+    return key or None
 
 
 def redis_url_from_parts(get: Callable[..., str]) -> str:
@@ -1770,6 +1779,187 @@ def resolve_sandbox_identity(config: Config) -> Config:
 
 
 # ==========================================================================================
+# 5b. Secrets
+# ==========================================================================================
+# Per-function values an operator sets (PUT /functions/<path>/secrets) and the function reads
+# as environment variables. Write-only: names are listed, values never leave except into
+# that function's sandboxes, and only through the request on the wrapper's stdin (a pooled
+# sandbox is started without them; /proc/1/environ of a sandbox is bwrap's, which holds none).
+# Stored apart from code and encrypted at rest: SecretBox below.
+
+SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+RESERVED_SECRET_NAMES = {"PATH", "HOME", "LANG", "PWD"}   # what the sandbox sets itself
+SECRETS_MAX = 64
+SECRET_VALUE_MAX = 32 * 1024
+
+
+def check_secrets(body: dict[str, Any]) -> dict[str, str]:
+    """A PUT body: names of environment variables to string values."""
+    if len(body) > SECRETS_MAX:
+        raise ApiError(400, f"at most {SECRETS_MAX} secrets per function")
+    for name, value in body.items():
+        if not SECRET_NAME_RE.fullmatch(name):
+            raise ApiError(400, f"secret name {name[:130]!r} is not an environment variable name: letters, "
+                                "digits and '_', not starting with a digit, at most 128 characters")
+        if name in RESERVED_SECRET_NAMES or name.startswith("LD_"):
+            raise ApiError(400, f"secret name {name!r} is reserved: PATH, HOME, LANG, PWD and LD_* are the "
+                                "sandbox's own")
+        if not isinstance(value, str):
+            raise ApiError(400, f"the value of secret {name!r} must be a string")
+        if "\0" in value or len(value.encode()) > SECRET_VALUE_MAX:
+            raise ApiError(400, f"the value of secret {name!r} must be at most {SECRET_VALUE_MAX} bytes "
+                                "without NUL characters")
+    return body
+
+
+class SecretBox:
+    """Authenticated encryption from the standard library alone (there is no AES in it):
+    encrypt-then-MAC with two keys derived from the master key by HMAC-SHA256.
+    Keystream block i = HMAC-SHA256(enc_key, nonce || i), XORed with the plaintext (a PRF in
+    counter mode); tag = HMAC-SHA256(mac_key, version || path || nonce || ciphertext), checked
+    in constant time before anything is decrypted. The nonce is 16 random bytes per seal.
+    The function's path is authenticated too: a sealed value moved to another function in
+    the store does not open there."""
+    VERSION = b"\x01"
+
+    def __init__(self, master: bytes) -> None:
+        self.enc_key = hmac.new(master, b"faas secrets: encryption", hashlib.sha256).digest()
+        self.mac_key = hmac.new(master, b"faas secrets: authentication", hashlib.sha256).digest()
+
+    def xor_keystream(self, nonce: bytes, data: bytes) -> bytes:
+        stream = b"".join(hmac.new(self.enc_key, nonce + block.to_bytes(8, "big"), hashlib.sha256).digest()
+                          for block in range((len(data) + 31) // 32))[:len(data)]
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+    def tag(self, path: str, nonce: bytes, ciphertext: bytes) -> bytes:
+        label = path.encode()
+        return hmac.new(self.mac_key, self.VERSION + len(label).to_bytes(4, "big") + label + nonce + ciphertext,
+                        hashlib.sha256).digest()
+
+    def seal(self, path: str, plaintext: bytes) -> str:
+        nonce = os.urandom(16)
+        ciphertext = self.xor_keystream(nonce, plaintext)
+        return base64.b64encode(self.VERSION + nonce + self.tag(path, nonce, ciphertext) + ciphertext).decode()
+
+    def open(self, path: str, sealed: str) -> bytes | None:
+        """The plaintext, or None if the value was not sealed for this path with this key."""
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except ValueError:
+            return None
+        version, nonce, tag, ciphertext = raw[:1], raw[1:17], raw[17:49], raw[49:]
+        if version != self.VERSION or len(tag) != 32 or not hmac.compare_digest(tag, self.tag(path, nonce, ciphertext)):
+            return None
+        return self.xor_keystream(nonce, ciphertext)
+
+
+def secret_master_key(config: Config) -> bytes:
+    """FAAS_SECRET_KEY, else 32 random bytes in <data dir>/secret.key, created 0600 on first use."""
+    if config.secret_key:
+        return config.secret_key.encode()
+    path = config.data_dir / "secret.key"
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = bytes.fromhex(path.read_text().strip())
+        if len(key) < 16:
+            raise ConfigError(f"{path} does not hold a key (64 hex digits)") from None
+        return key
+    with os.fdopen(fd, "w") as file:
+        file.write(os.urandom(32).hex() + "\n")
+    LOG.info("created the secrets key %s (back it up with the store, or set FAAS_SECRET_KEY)", path)
+    return bytes.fromhex(path.read_text().strip())
+
+
+class SQLiteSecrets:
+    """A table of its own beside the versions: names in clear, the values sealed."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        with store.connection() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS secrets (path TEXT PRIMARY KEY, names TEXT NOT NULL, "
+                       "sealed TEXT NOT NULL, updated REAL NOT NULL)")
+
+    def put(self, path: str, names: list[str], sealed: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO secrets VALUES (?,?,?,?)", (path, json.dumps(names), sealed, time.time()))
+
+    def get(self, path: str) -> tuple[list[str], str] | None:
+        rows = self.store.rows("SELECT names, sealed FROM secrets WHERE path=?", (path,))
+        return (json.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    def delete(self, path: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM secrets WHERE path=?", (path,))
+
+
+class RedisSecrets:
+    """One hash per function, `<prefix>secrets:<path>` (names, sealed), apart from its code."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.redis = store.redis
+        self.prefix = store.prefix
+
+    def key(self, path: str) -> str:
+        return f"{self.prefix}secrets:{path}"
+
+    def put(self, path: str, names: list[str], sealed: str) -> None:
+        self.redis.hset(self.key(path), mapping={"names": json.dumps(names), "sealed": sealed,
+                                                 "updated": repr(time.time())})
+
+    def get(self, path: str) -> tuple[list[str], str] | None:
+        names, sealed = self.redis.hmget(self.key(path), "names", "sealed")
+        return (json.loads(names), sealed.decode()) if names is not None and sealed is not None else None
+
+    def delete(self, path: str) -> None:
+        self.redis.delete(self.key(path))
+
+
+class Secrets:
+    """The secrets of every function: set, listed by name, handed to its calls."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.stored = RedisSecrets(store) if isinstance(store, RedisStore) else SQLiteSecrets(store)
+        self.lock = threading.Lock()
+        self.sealer: SecretBox | None = None
+
+    def box(self) -> SecretBox:
+        with self.lock:
+            if self.sealer is None:
+                self.sealer = SecretBox(secret_master_key(self.config))
+            return self.sealer
+
+    def replace(self, path: str, values: dict[str, str]) -> list[str]:
+        """The function's secrets become exactly `values` ({} removes them all)."""
+        if not values:
+            self.stored.delete(path)
+            return []
+        names = sorted(values)
+        self.stored.put(path, names, self.box().seal(path, json.dumps(values).encode()))
+        return names
+
+    def names(self, path: str) -> list[str]:
+        found = self.stored.get(path)
+        return found[0] if found else []
+
+    def env(self, path: str) -> dict[str, str]:
+        """The values for one call of the function at `path`."""
+        found = self.stored.get(path)
+        if found is None:
+            return {}
+        plaintext = self.box().open(path, found[1])
+        if plaintext is None:
+            raise ApiError(500, f"the secrets of '{path}' cannot be decrypted with this server's key: "
+                                "set them again, or give every server the same FAAS_SECRET_KEY")
+        return json.loads(plaintext)
+
+    def delete(self, path: str) -> None:
+        self.stored.delete(path)
+
+
+# ==========================================================================================
 # 6. Invocation
 # ==========================================================================================
 
@@ -2029,12 +2219,13 @@ class Invoker:
         return found
 
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
-               sink: LineSink | None, on_start: Callable[[], None] | None = None
-               ) -> tuple[int, dict[str, Any], Callable[[], None]]:
+               sink: LineSink | None, on_start: Callable[[], None] | None = None,
+               env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Callable[[], None]]:
         """Run one call: (HTTP status, answer, what to do once the answer is sent). `on_start`
         runs once a slot is taken, so a stream only begins when the call will really run
-        (an overloaded server answers 429 as JSON)."""
-        request = json.dumps({"code": code, "event": event, "language": runtime.language}).encode()
+        (an overloaded server answers 429 as JSON). `env`: the function's secrets."""
+        request = json.dumps({"code": code, "event": event, "language": runtime.language,
+                              **({"env": env} if env else {})}).encode()
         with self.slots:
             if on_start is not None:
                 on_start()
@@ -2159,6 +2350,11 @@ def format_labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + ",".join(escaped) + "}"
 
 
+# /functions/<path>/secrets is the secrets of <path>: no function path ends in /secrets.
+SECRETS_ROUTE = re.compile(r"/functions/(?P<path>.+)/secrets")
+FUNCTION_ROUTE = re.compile(r"/functions/(?P<path>(?!.+/secrets$).+)")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to small handler methods; every error leaves as JSON."""
     protocol_version = "HTTP/1.1"
@@ -2177,9 +2373,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("POST", re.compile(r"/run-now"), "post_run_now", "admin"),
         ("POST", re.compile(r"/run/(?P<path>.+)"), "post_run", "invoke"),
         ("GET", re.compile(r"/functions"), "get_functions", "admin"),
-        ("GET", re.compile(r"/functions/(?P<path>.+)"), "get_function", "admin"),
-        ("PATCH", re.compile(r"/functions/(?P<path>.+)"), "patch_function", "admin"),
-        ("DELETE", re.compile(r"/functions/(?P<path>.+)"), "delete_function", "admin"),
+        ("GET", FUNCTION_ROUTE, "get_function", "admin"),
+        ("PATCH", FUNCTION_ROUTE, "patch_function", "admin"),
+        ("DELETE", FUNCTION_ROUTE, "delete_function", "admin"),
+        ("GET", SECRETS_ROUTE, "get_secrets", "admin"),
+        ("PUT", SECRETS_ROUTE, "put_secrets", "admin"),
+        ("DELETE", SECRETS_ROUTE, "delete_secrets", "admin"),
     ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -2400,7 +2599,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         function = self.app.store.describe(path)
         if function is None:
             raise ApiError(404, f"no function at path '{path}'")
-        answer = {**function, "versions": self.app.store.list_versions(path)}
+        answer = {**function, "versions": self.app.store.list_versions(path),
+                  "secrets": self.app.secrets.names(path)}
         if version_number is not None:
             version = self.app.invoker.resolve(path, version_number)
             answer.update(version=version.version, code=version.code)
@@ -2426,13 +2626,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.app.invoker.resolve(path, version_number)   # says which of the two is unknown
             raise ApiError(404, f"no function at path '{path}'")
         remaining = self.app.store.describe(path)
+        if remaining is None:
+            self.app.secrets.delete(path)   # a new function at this path starts without them
         LOG.info("deleted request_id=%s path=%s version=%s count=%d", self.request_id, path,
                  version_number or "all", deleted)
         self.send_json(200, {"path": path, "deleted": deleted, "latest": remaining and remaining["latest"]})
 
+    def put_secrets(self, path: str, values: dict[str, str] | None = None) -> None:
+        """Replace the function's secrets (write-only: the answer names them, never a value)."""
+        check_path(path)
+        values = check_secrets(self.read_json()) if values is None else values
+        if self.app.store.find(path) is None:
+            raise ApiError(404, f"no function at path '{path}'")
+        names = self.app.secrets.replace(path, values)
+        LOG.info("secrets request_id=%s path=%s names=%s", self.request_id, path, ",".join(names) or "-")
+        self.send_json(200, {"path": path, "secrets": names})
+
+    def get_secrets(self, path: str) -> None:
+        check_path(path)
+        if self.app.store.find(path) is None:
+            raise ApiError(404, f"no function at path '{path}'")
+        self.send_json(200, {"path": path, "secrets": self.app.secrets.names(path)})
+
+    def delete_secrets(self, path: str) -> None:
+        self.put_secrets(path, {})
+
     def post_upload(self) -> None:
         body = self.read_json()
         path = check_path(body.get("path"))
+        if SECRETS_ROUTE.fullmatch(f"/functions/{path}"):
+            raise ApiError(400, "a path may not end in '/secrets': /functions/<path>/secrets holds a function's secrets")
         runtime = check_language(body.get("language"))
         code = check_code(body.get("code"))
         limits = requested_limits(body)
@@ -2453,7 +2676,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
         self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream,
-                 {"version": version.version})
+                 {"version": version.version}, env=self.app.secrets.env(path))
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -2467,9 +2690,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.run("run-now", runtime, code, event, limits, stream, {})
 
     def run(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
-            extra: dict[str, Any]) -> None:
+            extra: dict[str, Any], env: dict[str, str] | None = None) -> None:
         if not stream:
-            status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None)
+            status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None,
+                                                                   env=env)
             try:
                 self.send_json(status, {**answer, **extra})
                 self.wfile.flush()
@@ -2482,7 +2706,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
         status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits,
-                                                               log_line, on_start=self.start_sse)
+                                                               log_line, on_start=self.start_sse, env=env)
         try:
             answer = {**answer, **extra}
             for field in ("stdout", "stderr"):   # already streamed line by line
@@ -2587,6 +2811,7 @@ class App:
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
         self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
+        self.secrets = Secrets(config, self.store)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.started = time.time()
