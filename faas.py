@@ -148,6 +148,10 @@ class Config:
     limits: str
     esbuild: Path | None
     secret_key: str | None = None     # FAAS_SECRET_KEY; else <data dir>/secret.key
+    network: str = "off"              # FAAS_NETWORK: off, or allow functions that ask for the internet
+    network_deny: tuple[str, ...] = ()
+    network_max_connections: int = 64
+    network_rate: int | None = None   # bytes/second each way, per networked call
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -209,7 +213,18 @@ class Config:
             limits=limits,
             esbuild=Path(esbuild),
             secret_key=check_secret_key(get("FAAS_SECRET_KEY")),
+            network=check_network_switch(get("FAAS_NETWORK", "off")),
+            network_deny=parse_networks("FAAS_NETWORK_DENY", get("FAAS_NETWORK_DENY")),
+            network_max_connections=parse_number("FAAS_NETWORK_MAX_CONNECTIONS",
+                                                 get("FAAS_NETWORK_MAX_CONNECTIONS", "64"), int, 1, 65535),
+            network_rate=parse_size("FAAS_NETWORK_RATE", get("FAAS_NETWORK_RATE")) if get("FAAS_NETWORK_RATE") else None,
         )
+
+
+def check_network_switch(value: str) -> str:
+    if value not in ("off", "allow"):
+        raise ConfigError(f"FAAS_NETWORK={value!r} must be 'off' (the default) or 'allow'")
+    return value
 
 
 def check_secret_key(key: str) -> str | None:
@@ -265,6 +280,7 @@ class Version:
     compiled: str | None
     created: float
     limits: dict[str, Any] | None = None   # the upload's own lower timeout/memory
+    network: str = "none"                   # "internet": opted in to the filtered internet
 
     @property
     def runnable(self) -> str:
@@ -273,7 +289,7 @@ class Version:
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "language": self.language, "size": len(self.code.encode()),
                 "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created,
-                "limits": self.limits}
+                "limits": self.limits, "network": self.network}
 
 
 def next_version(previous: int) -> int:
@@ -285,7 +301,7 @@ class Store(Protocol):
     kind: str
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version: ...
+            limits: dict[str, Any] | None, network: str = "none") -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
     def find(self, path: str, version: int | None = None) -> int | None: ...
     def describe(self, path: str) -> dict[str, Any] | None: ...
@@ -309,6 +325,7 @@ class SQLiteStore:
             code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL, limits TEXT,
             PRIMARY KEY (path, version));
     """
+    ADDED_COLUMNS = {"network": "ALTER TABLE versions ADD COLUMN network TEXT"}   # stores made before
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +333,10 @@ class SQLiteStore:
         self.idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         with self.connection() as db:
             db.executescript(self.SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(versions)")}
+            for column, statement in self.ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(statement)
 
     IDLE_CONNECTIONS = 4   # each holds a page cache (up to 2 MiB): a burst must not keep them
 
@@ -355,25 +376,26 @@ class SQLiteStore:
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
 
-    COLUMNS = "path, version, language, code, compiled, created, limits"
+    COLUMNS = "path, version, language, code, compiled, created, limits, network"
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version:
+            limits: dict[str, Any] | None, network: str = "none") -> Version:
         with self.transaction() as db:
             row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
             version = next_version(row[0] if row else 0)
             now = time.time()
-            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                       (path, version, language, code, compiled, now, json.dumps(limits) if limits else None))
+            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                       (path, version, language, code, compiled, now, json.dumps(limits) if limits else None,
+                        network))
             db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
                        "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
                        (path, version, version, now))
-        return Version(path, version, language, code, compiled, now, limits)
+        return Version(path, version, language, code, compiled, now, limits, network)
 
     @staticmethod
     def version_from_row(row: tuple) -> Version:
-        *fields, limits = row
-        return Version(*fields, json.loads(limits) if limits else None)
+        *fields, limits, network = row
+        return Version(*fields, json.loads(limits) if limits else None, network or "none")
 
     def find(self, path: str, version: int | None = None) -> int | None:
         """The latest version's number, or `version` if it exists: a cheap look-up."""
@@ -452,7 +474,8 @@ class RedisStore:
         local high = tonumber(redis.call('HGET', KEYS[2], 'high_water') or '0')
         local version = math.max(tonumber(ARGV[1]), high + 1)
         redis.call('HSET', KEYS[3] .. version, 'language', ARGV[2], 'code', ARGV[3],
-                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8])
+                   'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8],
+                   'network', ARGV[9])
         redis.call('ZADD', KEYS[4], version, version)
         redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
         redis.call('SADD', KEYS[1], ARGV[7])
@@ -501,12 +524,12 @@ class RedisStore:
         return [f"{self.prefix}functions", base, f"{base}:v:", f"{base}:versions"]
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None) -> Version:
+            limits: dict[str, Any] | None, network: str = "none") -> Version:
         now = time.time()
         version = int(self.put_script(keys=self.keys(path), args=[
             int(now), language, code, compiled or "", int(compiled is not None), repr(now), path,
-            json.dumps(limits) if limits else ""]))
-        return Version(path, version, language, code, compiled, now, limits)
+            json.dumps(limits) if limits else "", network]))
+        return Version(path, version, language, code, compiled, now, limits, network)
 
     def find(self, path: str, version: int | None = None) -> int | None:
         _, base, _, versions = self.keys(path)
@@ -530,7 +553,7 @@ class RedisStore:
         compiled = fields[b"compiled"].decode() if fields.get(b"has_compiled") == b"1" else None
         limits = json.loads(fields[b"limits"]) if fields.get(b"limits") else None
         return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
-                       compiled, float(fields[b"created"]), limits)
+                       compiled, float(fields[b"created"]), limits, (fields.get(b"network") or b"none").decode())
 
     def describe(self, path: str) -> dict[str, Any] | None:
         _, base, version_prefix, versions = self.keys(path)
@@ -1311,6 +1334,7 @@ class Started:
     limits: Limits
     born: float
     spawn_ms: float
+    network: "NetworkHelper | None" = None   # a networked sandbox's slirp4netns
 
 
 class Sandbox:
@@ -1331,6 +1355,8 @@ class Sandbox:
         self.install_runtime_files(uid, gid)
         self.base_argv = self.build_base_argv(uid, gid)
         self.seccomp = seccomp_program(platform.machine())
+        self.network = Network(config, runtime_dir)
+        self.network_argv = self.network.sandbox_argv(self.base_argv) if self.network.enabled else None
 
     def install_runtime_files(self, uid: int, gid: int) -> None:
         os.chmod(self.runtime_dir, 0o755)
@@ -1369,7 +1395,7 @@ class Sandbox:
             "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp",
         ]
 
-    def gate(self, limits: Limits, cgroup: RunCgroup) -> list[str]:
+    def gate(self, limits: Limits, cgroup: RunCgroup, network: bool = False) -> list[str]:
         """The process started first: it joins the run's cgroups (writing 0, "myself"),
         sets its rlimits, drops to the sandbox user, then becomes bwrap. So every process
         of the run starts inside its limits, race-free and without preexec_fn. Dropping
@@ -1377,15 +1403,18 @@ class Sandbox:
         forking a busy server costs milliseconds. `echo` is a builtin of /bin/sh (dash),
         so the gate itself writes the 0; if joining fails, the chain stops before bwrap."""
         steps = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
+        steps += [self.network.gate_step()] if network else []   # the filter, before bwrap exists
         steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
-        return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
+        unshare = self.network.gate_prefix() if network else []
+        return [*unshare, "/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
 
-    def start(self, argv: list[str], limits: Limits, result_fd: bool = True) -> "Started":
+    def start(self, argv: list[str], limits: Limits, result_fd: bool = True, network: bool = False) -> "Started":
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
-        the request on stdin. Nothing of the caller's runs until `complete` sends it."""
+        the request on stdin. Nothing of the caller's runs until `complete` sends it.
+        With `network`, it has the internet through a filter (see Network), ready on return."""
         began = time.monotonic()
         cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
-        result_r = -1
+        result_r = info_r = -1
         try:
             child_fds = [seccomp_fd(self.seccomp)]
             tail = []
@@ -1393,7 +1422,14 @@ class Sandbox:
                 result_r, result_w = os.pipe()
                 child_fds.append(result_w)
                 tail = [str(result_w)]
-            command = [*self.gate(limits, cgroup), *cgroup.command_prefix(), *self.base_argv,
+            bwrap = self.base_argv
+            if network:
+                if self.network_argv is None:
+                    raise SandboxError("networked sandboxes are off (FAAS_NETWORK=off)")
+                info_r, info_w = os.pipe()
+                child_fds.append(info_w)
+                bwrap = [*self.network_argv, "--info-fd", str(info_w)]
+            command = [*self.gate(limits, cgroup, network), *cgroup.command_prefix(), *bwrap,
                        "--seccomp", str(child_fds[0]), "--", *argv, *tail]
             try:
                 proc = subprocess.Popen(
@@ -1403,11 +1439,20 @@ class Sandbox:
                 for fd in child_fds:
                     os.close(fd)
         except BaseException:
-            if result_r >= 0:
-                os.close(result_r)
+            for fd in (result_r, info_r):
+                if fd >= 0:
+                    os.close(fd)
             cgroup.remove()
             raise
-        return Started(proc, cgroup, result_r, limits, began, (time.monotonic() - began) * 1000)
+        started = Started(proc, cgroup, result_r, limits, began, 0)
+        if network:
+            try:
+                started.network = self.network.attach(info_r, cgroup)
+            except BaseException:
+                self.discard(started)
+                raise
+        started.spawn_ms = (time.monotonic() - began) * 1000
+        return started
 
     def complete(self, started: "Started", stdin: bytes, limits: Limits, sink: LineSink | None,
                  since: float | None = None, answer_early: bool = False) -> Outcome:
@@ -1547,6 +1592,8 @@ class Sandbox:
                     pipe.close()
             except OSError:
                 pass   # a request the dead process never read
+        if started.network is not None:
+            self.network.detach(started.network)
         if code is not None and code < 0:
             outcome.signal = -code
         elif code is not None and code > 128:
@@ -1960,6 +2007,245 @@ class Secrets:
 
 
 # ==========================================================================================
+# 5c. Network
+# ==========================================================================================
+# Opt-in internet for a function (research/network.md): the gate, still root, makes the
+# sandbox a network namespace of its own (`unshare --net`, owned by the init user namespace
+# so only host root may change it) and loads an nftables egress filter into it before
+# anything else runs there; bwrap keeps that namespace (--share-net) and reports its child
+# on --info-fd; faas then attaches slirp4netns (a user-mode TCP/IP stack: no host bridge,
+# NAT or forwarding) and sends the request only once slirp is ready. The filter refuses the
+# host itself (loopback by any address, slirp's gateway alias, every host address), its
+# on-link networks, private, shared, link-local and multicast ranges, and FAAS_NETWORK_DENY;
+# a broken filter stops the gate before bwrap, so a call fails closed. IPv4 only: slirp
+# offers no IPv6 route (and the filter refuses private IPv6 ranges besides).
+
+NETWORK_MODES = ("none", "internet")
+SLIRP_DNS = "10.0.2.3"      # slirp's forwarder to the host's resolver
+BLOCKED4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+            "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3")
+BLOCKED6 = ("::/127", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7",
+            "fe80::/10", "fec0::/10", "ff00::/8")
+SANDBOX_ETC = {
+    "resolv.conf": f"nameserver {SLIRP_DNS}\n",
+    "hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1 sandbox\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+
+
+def check_network(value: Any) -> str:
+    if value is None:
+        return "none"
+    if value not in NETWORK_MODES:
+        raise ApiError(400, f"network must be one of {', '.join(repr(mode) for mode in NETWORK_MODES)}")
+    return value
+
+
+def parse_networks(name: str, text: str) -> tuple[str, ...]:
+    """FAAS_NETWORK_DENY: comma-separated addresses or CIDR ranges, IPv4 or IPv6."""
+    found = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an address or a CIDR range") from None
+    return tuple(found)
+
+
+def host_networks() -> tuple[list[str], list[str]]:
+    """This host's own IPv4 addresses and on-link IPv4 networks, and its IPv6 addresses, as
+    the kernel reports them for the server's network namespace (/proc, ~0.2 ms)."""
+    v4: list[str] = []
+    last = ""
+    for line in read_text("/proc/net/fib_trie").splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text[3:].split()[0]
+        elif text.startswith("/32 host LOCAL") and last:
+            v4.append(last)
+    for row in read_text("/proc/net/route").splitlines()[1:]:
+        fields = row.split()
+        if len(fields) >= 8 and fields[0] != "lo" and int(fields[2], 16) == 0 and int(fields[7], 16) != 0:
+            network = socket.inet_ntoa(struct.pack("<I", int(fields[1], 16)))
+            mask = socket.inet_ntoa(struct.pack("<I", int(fields[7], 16)))
+            v4.append(str(ipaddress.ip_network(f"{network}/{mask}", strict=False)))
+    v6 = [str(ipaddress.IPv6Address(bytes.fromhex(row.split()[0])))
+          for row in read_text("/proc/net/if_inet6").splitlines() if row.strip()]
+    return sorted(set(v4)), sorted(set(v6))
+
+
+def nft_ruleset(blocked4: list[str], blocked6: list[str], max_connections: int, rate: int | None) -> str:
+    """The egress filter of one networked sandbox's network namespace. Refusals are
+    rejects, not drops: a blocked connect fails at once (EHOSTUNREACH) instead of hanging."""
+    limit = (f"    limit rate over {rate} bytes/second burst {max(rate // 4, 65536)} bytes drop\n"
+             if rate else "")
+    return (
+        "table inet faas {\n"
+        f"  set blocked4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {', '.join(blocked4)} }} }}\n"
+        f"  set blocked6 {{ type ipv6_addr; flags interval; auto-merge; elements = {{ {', '.join(blocked6)} }} }}\n"
+        "  chain out {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        '    oifname "lo" accept\n'
+        f"    meta l4proto {{ tcp, udp }} ip daddr {SLIRP_DNS} th dport 53 accept\n"
+        "    ip daddr @blocked4 reject with icmpx type admin-prohibited\n"
+        "    ip6 daddr @blocked6 reject with icmpx type admin-prohibited\n"
+        f"    meta l4proto tcp ct state new ct count over {max_connections} reject with tcp reset\n"
+        f"{limit}"
+        "  }\n"
+        + (f"  chain in {{\n    type filter hook input priority 0; policy accept;\n"
+           f'    iifname "lo" accept\n{limit}  }}\n' if rate else "")
+        + "}\n")
+
+
+@dataclasses.dataclass
+class NetworkHelper:
+    """The slirp4netns of one networked sandbox: it exits when exit_w closes (also when the
+    server dies), and is killed and reaped by `Network.detach` at the end of the call."""
+    slirp: subprocess.Popen
+    exit_w: int
+
+
+class Network:
+    """Everything networked sandboxes need: the tools, the filter file, the /etc files."""
+    READY_TIMEOUT = 10.0
+
+    def __init__(self, config: Config, runtime_dir: Path) -> None:
+        self.config = config
+        self.enabled = config.network == "allow"
+        self.directory = runtime_dir / "net"
+        self.rules_file = self.directory / "net.nft"
+        self.rules = ""
+        self.lock = threading.Lock()
+        self.current = Every(2.0, self.refresh)
+        if self.enabled:
+            self.tools = self.find_tools()
+            self.directory.mkdir(mode=0o755, exist_ok=True)
+            for name, text in SANDBOX_ETC.items():
+                (self.directory / name).write_text(text)
+                os.chmod(self.directory / name, 0o644)
+            self.refresh()
+            self.self_test()
+
+    @staticmethod
+    def find_tools() -> dict[str, str]:
+        if os.geteuid() != 0:
+            raise ConfigError("FAAS_NETWORK=allow needs the server to run as root: it makes each networked "
+                              "sandbox's network namespace and loads its filter")
+        tools = {name: shutil.which(name) for name in ("unshare", "nft", "slirp4netns")}
+        missing = [name for name, found in tools.items() if not found]
+        if missing or not Path("/dev/net/tun").exists():
+            raise ConfigError(f"FAAS_NETWORK=allow needs {', '.join(missing) or '/dev/net/tun'}: "
+                              "apt-get install -y slirp4netns nftables util-linux (or run `faas.py check`)")
+        return {name: str(found) for name, found in tools.items()}
+
+    def ruleset(self) -> str:
+        own4, own6 = host_networks()
+        deny = self.config.network_deny
+        blocked4 = [*BLOCKED4, *own4, *(n for n in deny if ":" not in n)]
+        blocked6 = [*BLOCKED6, *own6, *(n for n in deny if ":" in n)]
+        return nft_ruleset(blocked4, blocked6, self.config.network_max_connections, self.config.network_rate)
+
+    def refresh(self) -> str:
+        """Rewrite the filter file when the host's addresses changed (checked every 2 s)."""
+        rules = self.ruleset()
+        with self.lock:
+            if rules != self.rules:
+                staged = self.rules_file.with_suffix(".new")
+                staged.write_text(rules)
+                staged.replace(self.rules_file)
+                self.rules = rules
+        return rules
+
+    def self_test(self) -> None:
+        """Load the filter once into a throw-away namespace: a server that could not filter
+        does not start (instead of failing every networked call)."""
+        done = subprocess.run([self.tools["unshare"], "--net", "--", self.tools["nft"], "-f", str(self.rules_file)],
+                              capture_output=True, text=True, check=False, timeout=30)
+        if done.returncode != 0:
+            raise ConfigError(f"FAAS_NETWORK=allow: the network filter does not load: {done.stderr.strip()[-400:]}")
+
+    def gate_prefix(self) -> list[str]:
+        self.current()
+        return [self.tools["unshare"], "--net", "--"]
+
+    def gate_step(self) -> str:
+        return f"{shlex.quote(self.tools['nft'])} -f {shlex.quote(str(self.rules_file))}"
+
+    def sandbox_argv(self, base_argv: list[str]) -> list[str]:
+        """bwrap's argv for a networked sandbox: the gate's namespace kept, a resolver, hosts
+        and CA certificates; added before the root is made read-only."""
+        at = next(i for i in range(len(base_argv) - 1) if base_argv[i:i + 2] == ["--remount-ro", "/"])
+        etc = [arg for name in SANDBOX_ETC for arg in ("--ro-bind", str(self.directory / name), f"/etc/{name}")]
+        return [*base_argv[:at], "--share-net", *etc, "--ro-bind-try", "/etc/ssl/certs", "/etc/ssl/certs",
+                *base_argv[at:]]
+
+    def attach(self, info_r: int, cgroup: RunCgroup) -> NetworkHelper:
+        """Read the sandbox's pid from bwrap's info fd, then start slirp4netns into its network
+        namespace (in the run's cgroups) and wait until it is ready. SandboxError if not."""
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        info = read_until_eof(info_r, deadline)
+        try:
+            child = json.loads(info)["child-pid"]
+            netns = os.open(f"/proc/{child}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except (ValueError, KeyError, TypeError, OSError):
+            raise SandboxError("a networked sandbox did not start (its network filter could not be loaded)") from None
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        try:
+            if os.fstat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                raise SandboxError("a networked sandbox shares the server's network namespace")
+            join = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
+            slirp = subprocess.Popen(
+                ["/bin/sh", "-c", " && ".join([*join, 'exec "$@"']), "faas-slirp", self.tools["slirp4netns"],
+                 "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp",
+                 f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=[netns, ready_w, exit_r], env=SANDBOX_HOST_ENV, cwd="/")
+        except BaseException:
+            os.close(exit_w)
+            raise
+        finally:
+            for fd in (netns, ready_w, exit_r):
+                os.close(fd)
+        helper = NetworkHelper(slirp, exit_w)
+        ready = read_until_eof(ready_r, deadline, stop_at=1)
+        if ready != b"1":
+            self.detach(helper)
+            error = slirp.stderr.read().decode("utf-8", "replace").strip()[-300:] if slirp.stderr else ""
+            raise SandboxError(f"slirp4netns did not connect a networked sandbox: {error or 'not ready in time'}")
+        return helper
+
+    @staticmethod
+    def detach(helper: NetworkHelper) -> None:
+        if helper.exit_w >= 0:
+            os.close(helper.exit_w)
+            helper.exit_w = -1
+        helper.slirp.kill()
+        reap(helper.slirp, 5.0)
+        if helper.slirp.stderr:
+            helper.slirp.stderr.close()
+
+
+def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
+    """What a pipe delivers until its writers close it (or `stop_at` bytes, or the deadline);
+    closes fd."""
+    data = b""
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while not stop_at or len(data) < stop_at:
+                if not selector.select(max(0.0, deadline - time.monotonic())):
+                    break
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(fd)
+    return data
+
+
+# ==========================================================================================
 # 6. Invocation
 # ==========================================================================================
 
@@ -2220,7 +2506,8 @@ class Invoker:
 
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
                sink: LineSink | None, on_start: Callable[[], None] | None = None,
-               env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Callable[[], None]]:
+               env: dict[str, str] | None = None, network: str = "none"
+               ) -> tuple[int, dict[str, Any], Callable[[], None]]:
         """Run one call: (HTTP status, answer, what to do once the answer is sent). `on_start`
         runs once a slot is taken, so a stream only begins when the call will really run
         (an overloaded server answers 429 as JSON). `env`: the function's secrets."""
@@ -2229,7 +2516,7 @@ class Invoker:
         with self.slots:
             if on_start is not None:
                 on_start()
-            outcome = self.run_sandboxed(runtime.argv, request, limits, sink)
+            outcome = self.run_sandboxed(runtime.argv, request, limits, sink, network == "internet")
         try:
             status, answer = build_answer(outcome, limits)
         except BaseException:
@@ -2246,11 +2533,12 @@ class Invoker:
         return status, answer, after_answer
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
-                      sink: LineSink | None) -> Outcome:
-        """A pre-started sandbox when the pool has one, else a cold one: never a wait."""
-        started = self.pool.take(argv, limits)
+                      sink: LineSink | None, networked: bool = False) -> Outcome:
+        """A pre-started sandbox when the pool has one, else a cold one: never a wait.
+        A networked call always starts cold (its namespace, filter and slirp are its own)."""
+        started = None if networked else self.pool.take(argv, limits)
         if started is None:
-            started = self.sandbox.start([*argv, "--cold"], limits)
+            started = self.sandbox.start([*argv, "--cold"], limits, network=networked)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
         return self.sandbox.complete(started, request, limits, sink, answer_early=True)
 
@@ -2599,8 +2887,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         function = self.app.store.describe(path)
         if function is None:
             raise ApiError(404, f"no function at path '{path}'")
-        answer = {**function, "versions": self.app.store.list_versions(path),
-                  "secrets": self.app.secrets.names(path)}
+        versions = self.app.store.list_versions(path)
+        network = next((v["network"] for v in versions if v["version"] == function["latest"]), "none")
+        answer = {**function, "network": network, "versions": versions, "secrets": self.app.secrets.names(path)}
         if version_number is not None:
             version = self.app.invoker.resolve(path, version_number)
             answer.update(version=version.version, code=version.code)
@@ -2660,8 +2949,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = check_code(body.get("code"))
         limits = requested_limits(body)
         self.app.invoker.limits.lowered(limits)   # validates; stored as asked, capped at run time
+        network = self.allowed_network(body)
         compiled = self.app.invoker.prepare(runtime, code)
-        version = self.app.store.put(path, runtime.language, code, compiled, limits)
+        version = self.app.store.put(path, runtime.language, code, compiled, limits, network)
         self.app.metrics.inc("faas_uploads_total", language=runtime.language)
         LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
                  version.version, runtime.language)
@@ -2675,8 +2965,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
+        if version.network == "internet" and self.app.config.network != "allow":
+            raise ApiError(403, f"version {version.version} of '{path}' uses the internet, but network access is "
+                                "disabled on this server (FAAS_NETWORK=off); the operator must set "
+                                "FAAS_NETWORK=allow, or upload a version without network", reason="network_disabled")
         self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream,
-                 {"version": version.version}, env=self.app.secrets.env(path))
+                 {"version": version.version}, env=self.app.secrets.env(path), network=version.network)
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -2685,15 +2979,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         stream = self.wants_stream(body)
         event = parse_input(body)
         limits = self.app.invoker.limits.lowered(requested_limits(body))
+        network = self.allowed_network(body)
         if runtime.transpile:
             code = self.app.invoker.transpile(code)
-        self.run("run-now", runtime, code, event, limits, stream, {})
+        self.run("run-now", runtime, code, event, limits, stream, {}, network=network)
+
+    def allowed_network(self, body: dict[str, Any]) -> str:
+        network = check_network(body.get("network"))
+        if network == "internet" and self.app.config.network != "allow":
+            raise ApiError(400, "network access is disabled on this server (FAAS_NETWORK=off): functions may not "
+                                "use the internet; the operator can allow it with FAAS_NETWORK=allow",
+                           reason="network_disabled")
+        return network
 
     def run(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
-            extra: dict[str, Any], env: dict[str, str] | None = None) -> None:
+            extra: dict[str, Any], env: dict[str, str] | None = None, network: str = "none") -> None:
         if not stream:
             status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None,
-                                                                   env=env)
+                                                                   env=env, network=network)
             try:
                 self.send_json(status, {**answer, **extra})
                 self.wfile.flush()
@@ -2706,7 +3009,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
         status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits,
-                                                               log_line, on_start=self.start_sse, env=env)
+                                                               log_line, on_start=self.start_sse, env=env,
+                                                               network=network)
         try:
             answer = {**answer, **extra}
             for field in ("stdout", "stderr"):   # already streamed line by line
@@ -2829,7 +3133,7 @@ class App:
             "status": "ok" if store_ok else "degraded",
             "store": self.store.kind, "store_ok": store_ok,
             "sandbox": "bwrap", "seccomp": True, "limits": self.limit_backend.name,
-            "sandbox_uid": self.config.sandbox_uid,
+            "sandbox_uid": self.config.sandbox_uid, "network": self.config.network,
             "runtimes": {name: {"interpreter": rt.interpreter,
                                 "available": os.access(rt.interpreter, os.X_OK)
                                 and (not rt.transpile or self.sandbox.has_esbuild)}

@@ -1,0 +1,372 @@
+"""Opt-in internet for functions, tested in the lab of research/network.md (tests/netlab.py):
+the faas server runs inside a lab namespace whose only links lead to a lab "internet" and a
+lab "LAN", so no packet of these tests can leave the machine, even if the filter were
+broken. The test process itself talks to that server from inside the lab namespace.
+Needs root (namespaces, nftables, slirp4netns)."""
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import FAAS_PY, FaasServer, assert_clean_log, clean_env, free_port
+from tests import netlab
+from tests.helpers import assert_error, assert_ok, descendants, proc_table, wait_until
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("slirp4netns", "nft", "ip", "nsenter")),
+    reason="needs root, slirp4netns, nftables and iproute2")
+
+MAX_CONNECTIONS = 10
+CONNECT_ERRORS = {"EHOSTUNREACH", "ENETUNREACH", "ECONNREFUSED", "EPERM", "EACCES"}
+
+# One connect per target, 3 s each: the answer is the server's tag, or the connect error.
+PROBE_PY = """import errno, socket
+out = {}
+for host, port in event["tcp"]:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        out[f"{host}:{port}"] = "OPEN:" + s.recv(4096).decode().rsplit("\\n", 1)[-1]
+    except socket.timeout:
+        out[f"{host}:{port}"] = "TIMEOUT"
+    except socket.gaierror as e:
+        out[f"{host}:{port}"] = "DNS:" + str(e)
+    except OSError as e:
+        out[f"{host}:{port}"] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+for host, port in event.get("udp", []):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(event["mark"].encode(), (host, port))
+        out[f"udp:{host}:{port}"] = "SENT"
+    except OSError as e:
+        out[f"udp:{host}:{port}"] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+return out"""
+
+NODE_FETCH = """const http = require('http');
+const get = (url) => new Promise((resolve) => {
+  const req = http.get(url, { timeout: 3000 }, (res) => {
+    let body = '';
+    res.on('data', (c) => { body += c; });
+    res.on('end', () => resolve('OPEN:' + body));
+  });
+  req.on('timeout', () => { req.destroy(); resolve('TIMEOUT'); });
+  req.on('error', (e) => resolve(e.code || String(e)));
+});
+const out = {};
+for (const url of event.urls) out[url] = await get(url);
+return out;"""
+
+
+class LabServer(FaasServer):
+    """A faas server inside the lab host namespace; its client calls run there too."""
+    lab = None
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        with netlab.netns(self.lab.host):
+            return conftest.request(self.url, method, path, body, headers, timeout)
+
+    def get(self, path, headers=None, timeout=60):
+        return self.request("GET", path, None, headers, timeout)
+
+    def post(self, path, body=None, headers=None, timeout=60):
+        return self.request("POST", path, body, headers, timeout)
+
+    def sse(self, path, body=None, headers=None, timeout=60):
+        raise NotImplementedError("not used in the lab")
+
+
+def start_in_lab(faas, lab, env):
+    """`python3 faas.py` in the lab host's network namespace (nsenter, so the cgroup mounts
+    stay as they are) with the lab resolver as its /etc/resolv.conf (a private mount)."""
+    full = clean_env()
+    port = free_port()
+    full.update(FAAS_DATA_DIR=str(faas.tmp.mktemp("faas-data")), HTTP_PORT=str(port), **env)
+    logdir = faas.tmp.mktemp("faas-log")
+    resolv = f"/etc/netns/{lab.host}/resolv.conf"
+    command = ["nsenter", f"--net=/run/netns/{lab.host}", "--", "unshare", "--mount", "--propagation", "private",
+               "--", "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv,
+               sys.executable, str(FAAS_PY)]
+    with open(logdir / "stderr.txt", "wb") as err, open(logdir / "stdout.txt", "wb") as out:
+        proc = subprocess.Popen(command, cwd=str(conftest.REPO), env=full, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err)
+    server = LabServer(proc, port, "127.0.0.1", logdir / "stderr.txt", logdir / "stdout.txt", full, "sqlite",
+                       conftest.REPO)
+    server.lab = lab
+    faas.servers.append(server)
+    faas.wait_healthy(server)
+    return server
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    built = netlab.Lab(tmp_path_factory.mktemp("netlab"))
+    try:
+        built.up()
+        yield built
+    finally:
+        built.down()
+
+
+@pytest.fixture(scope="module")
+def srv(faas, lab):
+    server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "1", "TIMEOUT_SCRIPT": "10",
+                                      "FAAS_NETWORK_MAX_CONNECTIONS": str(MAX_CONNECTIONS)})
+    yield server
+    server.stop()
+    assert_clean_log(server)
+
+
+def probe(server, tcp, udp=(), mark="", network="internet"):
+    body = assert_ok(server.run_now("python", PROBE_PY, input={"tcp": tcp, "udp": list(udp), "mark": mark},
+                                    network=network))
+    return body["data"]
+
+
+def test_the_lab_answers_from_the_host_namespace(lab):
+    """Positive control: every target the sandbox must not reach does answer when asked
+    directly from the lab host, so a refusal below is the filter's doing."""
+    assert lab.fetch(netlab.INTERNET) == "INTERNET"
+    assert lab.fetch(netlab.ROUTER) == "INTERNET"
+    for address in (netlab.LAN, *netlab.LAN_EXTRA):
+        assert lab.fetch(address) == "LAN", address
+    assert lab.fetch(netlab.HOST_PUBLIC, 9000) == lab.fetch(netlab.HOST_LAN, 9000) == "HOST-ANYADDR"
+    assert lab.fetch("127.0.0.1", 6379) == "HOST-REDIS"
+
+
+def test_a_networked_function_reaches_the_internet_by_address_and_by_name(srv):
+    got = probe(srv, [[netlab.INTERNET, 80], ["api.example.test", 80]])
+    assert got == {f"{netlab.INTERNET}:80": "OPEN:INTERNET", "api.example.test:80": "OPEN:INTERNET"}
+    node = assert_ok(srv.run_now("javascript", NODE_FETCH, network="internet",
+                                 input={"urls": [f"http://{netlab.INTERNET}/", "http://api.example.test/",
+                                                 "http://169.254.169.254/"]}))["data"]
+    assert node[f"http://{netlab.INTERNET}/"] == "OPEN:INTERNET"
+    assert node["http://api.example.test/"] == "OPEN:INTERNET"
+    assert node["http://169.254.169.254/"] in CONNECT_ERRORS, node
+    ts = "const r: string = await new Promise((ok) => require('http').get('http://api.example.test/', " \
+         "(res: any) => { let b = ''; res.on('data', (c: any) => b += c); res.on('end', () => ok(b)); })); return r;"
+    assert assert_ok(srv.run_now("typescript", ts, network="internet"))["data"] == "INTERNET"
+
+
+def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
+    port = srv.port
+    targets = [["127.0.0.1", port], ["127.0.0.1", 6379], ["localhost", port],   # the sandbox's own loopback
+               ["10.0.2.2", port], ["10.0.2.2", 6379], ["10.0.2.3", 80],       # slirp's host aliases
+               [netlab.HOST_PUBLIC, 9000], [netlab.HOST_LAN, 9000], [netlab.HOST_PUBLIC, port],
+               [netlab.ROUTER, 80],                                            # an on-link neighbour
+               [netlab.LAN, 80], *([a, 80] for a in netlab.LAN_EXTRA),
+               ["rebind.test", 80], ["meta.test", 80]]                         # names resolving there
+    mark = "faas-udp-" + os.urandom(4).hex()
+    udp = [[netlab.LAN, 5353], ["169.254.169.254", 5353], ["172.16.5.5", 5353]]
+    got = probe(srv, targets, udp, mark)
+    for target, outcome in got.items():
+        if target.startswith("udp:"):
+            assert outcome in CONNECT_ERRORS, (target, outcome)
+        else:
+            assert outcome in CONNECT_ERRORS, (target, outcome)   # an error at once: not OPEN, not TIMEOUT
+    # nothing arrived at the LAN's UDP logger, which does log what the lab host sends it
+    with netlab.netns(lab.host):
+        import socket
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"control-" + mark.encode(), (netlab.LAN, 5353))
+    assert wait_until(lambda: lab.udp_log.exists() and b"control-" + mark.encode() in lab.udp_log.read_bytes())
+    assert mark.encode() + b"\n" not in lab.udp_log.read_bytes().replace(b"control-" + mark.encode(), b"")
+    assert srv.get("/healthz").status == 200
+
+
+def test_a_function_without_network_has_none(srv):
+    got = probe(srv, [[netlab.INTERNET, 80], ["127.0.0.1", srv.port]], network="none")
+    assert got[f"{netlab.INTERNET}:80"] == "ENETUNREACH" and got[f"127.0.0.1:{srv.port}"] == "ECONNREFUSED"
+    srv.upload("plain/probe", "python", PROBE_PY)
+    body = assert_ok(srv.run("plain/probe", input={"tcp": [[netlab.INTERNET, 80]]}))
+    assert body["data"] == {f"{netlab.INTERNET}:80": "ENETUNREACH"}
+
+
+def test_a_stored_networked_function_keeps_its_network(srv):
+    r = srv.post("/upload", {"path": "net/probe", "language": "python", "code": PROBE_PY, "network": "internet"})
+    assert_ok(r)
+    described = assert_ok(srv.get("/functions/net/probe"))
+    assert described["network"] == "internet" and described["versions"][-1]["network"] == "internet"
+    body = assert_ok(srv.run("net/probe", input={"tcp": [[netlab.INTERNET, 80], [netlab.LAN, 80]]}))
+    assert body["data"][f"{netlab.INTERNET}:80"] == "OPEN:INTERNET"
+    assert body["data"][f"{netlab.LAN}:80"] in CONNECT_ERRORS
+
+
+ESCAPE_PY = """import os, socket, subprocess
+out = {"uid": os.getuid(), "caps": [l for l in open("/proc/self/status") if l.startswith("CapEff")][0].split()[1]}
+for name, args in (("raw", (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+                   ("raw_tcp", (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)),
+                   ("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0x0300)),
+                   ("icmp_dgram", (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP))):
+    try:
+        socket.socket(*args).close()
+        out[name] = "created"
+    except OSError as e:
+        out[name] = type(e).__name__
+for name, cmd in (("flush", ["/usr/sbin/nft", "flush", "ruleset"]), ("delete", ["/usr/sbin/nft", "delete", "table", "inet", "faas"]),
+                  ("add", ["/usr/sbin/nft", "add", "table", "inet", "mine"]), ("route", ["/usr/sbin/ip", "route", "add", "10.0.0.0/8", "dev", "tap0"]),
+                  ("addr", ["/usr/sbin/ip", "addr", "add", "10.77.0.99/24", "dev", "tap0"])):
+    done = subprocess.run(cmd, capture_output=True)
+    out[name] = done.returncode
+out["resolv"] = open("/etc/resolv.conf").read()
+out["certs"] = len(os.listdir("/etc/ssl/certs")) > 0
+import ssl
+out["cas"] = len(ssl.create_default_context().get_ca_certs()) > 0 or bool(ssl.get_default_verify_paths().cafile)
+return out"""
+
+
+def test_inside_no_raw_sockets_no_capabilities_and_the_filter_cannot_be_changed(srv):
+    got = assert_ok(srv.run_now("python", ESCAPE_PY, network="internet"))["data"]
+    sandbox_uid = srv.get("/healthz").body["sandbox_uid"]
+    assert got["uid"] == sandbox_uid and sandbox_uid not in (0, 65534), got
+    assert int(got["caps"], 16) == 0, got
+    for name in ("raw", "raw_tcp", "packet", "icmp_dgram"):
+        assert got[name] == "PermissionError", (name, got)
+    for name in ("flush", "delete", "add", "route", "addr"):
+        assert got[name] != 0, (name, got)
+    assert got["resolv"] == "nameserver 10.0.2.3\n" and got["certs"] and got["cas"], got
+    # the next call still has its filter (every call gets its own, nothing is shared)
+    again = probe(srv, [[netlab.LAN, 80], [netlab.INTERNET, 80]])
+    assert again[f"{netlab.LAN}:80"] in CONNECT_ERRORS and again[f"{netlab.INTERNET}:80"] == "OPEN:INTERNET"
+
+
+HOLD_PY = """import errno, socket
+held, outcome = [], None
+for _ in range(event["n"]):
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((event["host"], 8888))
+        held.append(s)
+    except OSError as e:
+        outcome = errno.errorcode.get(e.errno, str(e))
+        break
+return {"held": len(held), "then": outcome}"""
+
+
+def test_the_connection_cap_holds(srv):
+    got = assert_ok(srv.run_now("python", HOLD_PY, network="internet",
+                                input={"n": MAX_CONNECTIONS + 5, "host": netlab.INTERNET}))["data"]
+    assert got == {"held": MAX_CONNECTIONS, "then": "ECONNREFUSED"}, got
+    # the cap is per call: the next call has all of its own
+    got = assert_ok(srv.run_now("python", HOLD_PY, network="internet",
+                                input={"n": MAX_CONNECTIONS, "host": netlab.INTERNET}))["data"]
+    assert got == {"held": MAX_CONNECTIONS, "then": None}, got
+
+
+NETNS_PY = """import urllib.request
+return urllib.request.urlopen("http://198.51.100.1/", timeout=5).read().decode()"""
+
+
+def held_namespaces(pid):
+    """Network namespaces a process holds open (a pinned sandbox namespace would stay)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("net:["):
+            found.append(target)
+    return found
+
+
+def test_nothing_is_left_after_100_networked_calls(srv, lab):
+    """No slirp4netns, no networked sandbox, no namespace held, no rule anywhere but in the
+    (gone) sandboxes' own namespaces: after ordinary calls and calls killed at their time
+    limit while holding connections."""
+    host_rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+
+    def one(i):
+        if i % 25 == 7:
+            return srv.run_now("python", "import socket\ns = socket.create_connection(('198.51.100.1', 8888))\n"
+                                         "while True:\n    pass", network="internet", timeout=1)
+        if i % 25 == 9:
+            return srv.run_now("javascript", "require('net').connect(8888, '198.51.100.1'); await new Promise(() => {})",
+                               network="internet", timeout=1)
+        return srv.run_now("python", NETNS_PY, network="internet")
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, range(100)))
+    assert [r.body["data"] for r in answers if r.status == 200] == ["INTERNET"] * 92, \
+        [r.body for r in answers if r.status not in (200, 504)][:3]
+    assert sum(r.status == 504 for r in answers) == 8, [r.status for r in answers]
+
+    def leftovers():
+        below = descendants(srv.proc.pid, proc_table())
+        return [i["cmdline"] for i in below.values() if "slirp4netns" in i["cmdline"] or "--share-net" in i["cmdline"]
+                or i["comm"] in ("unshare", "nft")] + held_namespaces(srv.proc.pid)
+    assert wait_until(lambda: not leftovers(), timeout=10), leftovers()
+    assert subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout == host_rules
+    assert subprocess.run(["ip", "netns", "exec", lab.host, "nft", "list", "ruleset"],
+                          capture_output=True, text=True).stdout == ""
+    assert srv.get("/healthz").status == 200
+
+
+def test_secrets_reach_a_networked_function(srv):
+    srv.post("/upload", {"path": "net/secret", "language": "python", "network": "internet",
+                         "code": "import os\nreturn os.environ.get('API_KEY')"})
+    assert_ok(srv.request("PUT", "/functions/net/secret/secrets", {"API_KEY": "k-net"}))
+    assert assert_ok(srv.run("net/secret"))["data"] == "k-net"
+
+
+def test_operator_deny_list(faas, lab):
+    server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0",
+                                      "FAAS_NETWORK_DENY": f"{netlab.INTERNET}/32, 2001:db8::/32"})
+    try:
+        assert probe(server, [[netlab.INTERNET, 80]])[f"{netlab.INTERNET}:80"] in CONNECT_ERRORS
+    finally:
+        server.stop()
+        assert_clean_log(server)
+
+
+# ------------------------------------------------------------------- the operator's switch
+# These servers run outside the lab: with network off nothing networked ever starts, and the
+# allowed one below only stores a function (its syntax check runs without network).
+
+def test_network_off_refuses_uploads_and_calls(faas, uid):
+    allowed = faas.start(store="sqlite", env={"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0"})
+    data_dir = allowed.env["FAAS_DATA_DIR"]
+    assert_ok(allowed.post("/upload", {"path": f"{uid}/net", "language": "python", "code": "return 1",
+                                       "network": "internet"}))
+    allowed.stop()
+    off = faas.start(store="sqlite", env={"FAAS_DATA_DIR": data_dir, "FAAS_POOL_SIZE": "0"})
+    try:
+        assert off.get("/healthz").body["network"] == "off"
+        body = assert_error(off.run(f"{uid}/net"), 403)
+        assert body["reason"] == "network_disabled" and "FAAS_NETWORK" in body["error"], body
+        assert off.get(f"/functions/{uid}/net").body["network"] == "internet"
+        for r in (off.post("/upload", {"path": f"{uid}/new", "language": "python", "code": "return 1",
+                                       "network": "internet"}),
+                  off.run_now("python", "return 1", network="internet")):
+            body = assert_error(r, 400)
+            assert "FAAS_NETWORK=off" in body["error"] and body["reason"] == "network_disabled", body
+        assert_error(off.get(f"/functions/{uid}/new"), 404)
+        assert assert_ok(off.run_now("python", "return 1", network="none"))["data"] == 1
+        for bad in ("yes", True, "host", ["internet"]):
+            assert "network must be one of" in assert_error(off.run_now("python", "return 1", network=bad), 400)["error"]
+    finally:
+        off.stop()
+        assert_clean_log(off)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"FAAS_NETWORK": "maybe"}, "FAAS_NETWORK="),
+    ({"FAAS_NETWORK": "allow", "FAAS_NETWORK_DENY": "10.0.0.0/8, not-a-net"}, "FAAS_NETWORK_DENY"),
+    ({"FAAS_NETWORK_MAX_CONNECTIONS": "0"}, "FAAS_NETWORK_MAX_CONNECTIONS"),
+])
+def test_bad_network_settings_stop_the_server(faas, env, needle):
+    server = faas.start(store="sqlite", env=env, wait=False)
+    assert server.proc.wait(20) == 2
+    assert needle in server.stderr_text()
