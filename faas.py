@@ -2226,6 +2226,80 @@ class Network:
             helper.slirp.stderr.close()
 
 
+# -- faas.py check ---------------------------------------------------------------------------
+SELF_TEST_PY = """import errno, socket
+out = {}
+for host, port in event:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        out[host] = "OPEN"
+    except socket.timeout:
+        out[host] = "TIMEOUT"
+    except OSError as e:
+        out[host] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+return out"""
+
+
+def network_dependencies(config: Config) -> list[Any]:
+    """What networked calls need: required with FAAS_NETWORK=allow, else optional."""
+    required = config.network == "allow"
+    found = []
+    for name, package, version_flag in (("slirp4netns", "slirp4netns", "--version"), ("nft", "nftables", "--version"),
+                                        ("unshare", "util-linux", "--version")):
+        path = shutil.which(name)
+        found.append(Dependency(name, bool(path), f"{path} ({version_of([path, version_flag])})" if path
+                                else "networked calls (FAAS_NETWORK=allow)", f"apt-get install -y {package}",
+                                package, required=required))
+    found.append(Dependency("/dev/net/tun", Path("/dev/net/tun").exists(), "slirp4netns's tap device",
+                            "modprobe tun", None, required=required))
+    found.append(Dependency("root", os.geteuid() == 0, "networked sandboxes are set up as root",
+                            "run the server as root (faas.service does)", None, required=required))
+    return found
+
+
+def network_self_test(config: Config, port: int) -> tuple[bool, str]:
+    """Load the filter into a throw-away namespace, then start one networked sandbox and try
+    the faas port through slirp's gateway alias and through this host's own address: both
+    must fail. Every packet stays on this machine (never a LAN or metadata address)."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="faas-check-"))
+    try:
+        config = dataclasses.replace(resolve_sandbox_identity(config), network="allow")
+        sandbox = Sandbox(config, RlimitBackend(), runtime_dir)   # Network() loads the filter once
+        listed = subprocess.run([*sandbox.network.gate_prefix(), "/bin/sh", "-c", f"{sandbox.network.gate_step()} && "
+                                 f"{shlex.quote(sandbox.network.tools['nft'])} list table inet faas"],
+                                capture_output=True, text=True, check=False)
+        if listed.returncode != 0 or "blocked4" not in listed.stdout:
+            return False, f"the filter did not list in a fresh namespace: {listed.stderr.strip()[-300:]}"
+        own4 = [a for a in host_networks()[0] if "/" not in a and not a.startswith("127.")]
+        targets = [["10.0.2.2", port], *([[own4[0], port]] if own4 else [])]
+        request = json.dumps({"code": SELF_TEST_PY, "event": targets, "language": "python"}).encode()
+        limits = dataclasses.replace(Limits.from_config(config), timeout=20)
+        started = sandbox.start(list(RUNTIMES["python"].argv), limits, network=True)
+        outcome = sandbox.complete(started, request, limits, None)
+        result = (outcome.result or {}).get("value")
+        if not isinstance(result, dict) or any(v == "OPEN" for v in result.values()):
+            return False, f"a networked sandbox reached this host: {result or describe_failure(outcome, limits)}"
+        return True, ", ".join(f"{host}:{port} {result[host]}" for host, port in targets)
+    except (ConfigError, SandboxError, OSError) as error:
+        return False, str(error)
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def describe_network(config: Config) -> str:
+    if config.network != "allow":
+        return "off (FAAS_NETWORK=off: functions have no network)"
+    own4, own6 = host_networks()
+    resolvers = re.findall(r"^\s*nameserver\s+(\S+)", read_text("/etc/resolv.conf"), re.MULTILINE)
+    return (f"allow: blocks {len(BLOCKED4) + len(BLOCKED6)} ranges + {len(own4) + len(own6)} host addresses/networks"
+            f" + {len(config.network_deny)} FAAS_NETWORK_DENY; at most {config.network_max_connections} connections"
+            f" per call; DNS via {', '.join(resolvers) or 'none'} (the host's resolver)")
+
+
 def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
     """What a pipe delivers until its writers close it (or `stop_at` bytes, or the deadline);
     closes fd."""
@@ -3253,7 +3327,7 @@ def find_dependencies(config: Config) -> list[Dependency]:
         f"cd {HERE} && npm ci --ignore-scripts   (needs npm: apt-get install -y npm)", None, required=False))
     if config.redis_url:
         deps.append(redis_dependency(config))
-    return deps
+    return deps + network_dependencies(config)
 
 
 def redis_dependency(config: Config) -> Dependency:
@@ -3287,7 +3361,13 @@ def run_check(config: Config, install: bool) -> int:
         if not dep.present:
             print(f"{'':<20} {'fix:':<16} {dep.fix}")
     print(f"{'info':<20} {'limits':<16} {describe_limits(config)}")
-    return 1 if any(dep.required for dep in missing) else 0
+    print(f"{'info':<20} {'network':<16} {describe_network(config)}")
+    failed = False
+    if not any(dep.name in ("slirp4netns", "nft", "unshare", "/dev/net/tun", "root") for dep in missing):
+        passed, detail = network_self_test(config, config.port)
+        failed = not passed and config.network == "allow"
+        print(f"{'ok' if passed else 'FAILED':<20} {'network test':<16} {detail}")
+    return 1 if failed or any(dep.required for dep in missing) else 0
 
 
 def install_missing(missing: list[Dependency]) -> None:

@@ -37,6 +37,12 @@ python3 -m pip --version >/dev/null 2>&1 || apt_pkgs+=(python3-pip)
 command -v systemd-nspawn >/dev/null 2>&1 || apt_pkgs+=(systemd-container)
 command -v debootstrap >/dev/null 2>&1 || apt_pkgs+=(debootstrap)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_pkgs+=(qemu-system-x86)
+# networked functions (tests/test_network.py): slirp4netns, nftables, iproute2 (ip netns, for
+# the test lab), util-linux (unshare, nsenter)
+command -v slirp4netns >/dev/null 2>&1 || apt_pkgs+=(slirp4netns)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || apt_pkgs+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || apt_pkgs+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || apt_pkgs+=(util-linux)
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${apt_pkgs[*]} and no apt-get to install them"

@@ -48,6 +48,9 @@ BASE_ENV = {
     "TIMEOUT_SCRIPT": str(TIMEOUT), "MAX_MEMORY": "128M", "FAAS_MAX_PIDS": str(PIDS),
     "FAAS_MAX_OUTPUT": str(OUTPUT), "FAAS_TMP_SIZE": "64M", "FAAS_MAX_RUNS": "6",
     "FAAS_MAX_QUEUE": "16", "FAAS_QUEUE_TIMEOUT": "20", SECRET_NAME: SECRET,
+    # networked functions allowed (tests/test_network.py attacks those in its lab): the
+    # functions here ask for none, and must stay exactly as contained as without the switch
+    "FAAS_NETWORK": "allow",
 }
 
 OBSERVED = {}   # memory-bomb / flood outcomes, printed for the report (pytest -s)

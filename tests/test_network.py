@@ -87,6 +87,13 @@ class LabServer(FaasServer):
         raise NotImplementedError("not used in the lab")
 
 
+def in_lab_host(lab, argv):
+    """argv run in the lab host's network namespace, with the lab's resolver."""
+    resolv = f"/etc/netns/{lab.host}/resolv.conf"
+    return ["nsenter", f"--net=/run/netns/{lab.host}", "--", "unshare", "--mount", "--propagation", "private",
+            "--", "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv, *argv]
+
+
 def start_in_lab(faas, lab, env):
     """`python3 faas.py` in the lab host's network namespace (nsenter, so the cgroup mounts
     stay as they are) with the lab resolver as its /etc/resolv.conf (a private mount)."""
@@ -94,10 +101,7 @@ def start_in_lab(faas, lab, env):
     port = free_port()
     full.update(FAAS_DATA_DIR=str(faas.tmp.mktemp("faas-data")), HTTP_PORT=str(port), **env)
     logdir = faas.tmp.mktemp("faas-log")
-    resolv = f"/etc/netns/{lab.host}/resolv.conf"
-    command = ["nsenter", f"--net=/run/netns/{lab.host}", "--", "unshare", "--mount", "--propagation", "private",
-               "--", "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv,
-               sys.executable, str(FAAS_PY)]
+    command = in_lab_host(lab, [sys.executable, str(FAAS_PY)])
     with open(logdir / "stderr.txt", "wb") as err, open(logdir / "stdout.txt", "wb") as out:
         proc = subprocess.Popen(command, cwd=str(conftest.REPO), env=full, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err)
@@ -370,3 +374,18 @@ def test_bad_network_settings_stop_the_server(faas, env, needle):
     server = faas.start(store="sqlite", env=env, wait=False)
     assert server.proc.wait(20) == 2
     assert needle in server.stderr_text()
+
+
+def test_check_reports_the_network_tools_and_runs_its_self_test(lab):
+    env = {**clean_env(), "FAAS_NETWORK": "allow", "HTTP_PORT": "8080"}
+    done = subprocess.run(in_lab_host(lab, [sys.executable, str(FAAS_PY), "check"]),
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if len(line.split()) > 1}
+    lines["network"] = next(line for line in done.stdout.splitlines() if line.startswith("info") and " network " in line)
+    for name in ("slirp4netns", "nft", "unshare", "/dev/net/tun", "root"):
+        assert lines[name].startswith("ok"), done.stdout
+    assert "allow: blocks" in lines["network"] and f"DNS via {netlab.DNS}" in lines["network"], lines["network"]
+    test_line = next(line for line in done.stdout.splitlines() if "network test" in line)
+    assert test_line.startswith("ok"), test_line
+    assert f"10.0.2.2:8080 EHOSTUNREACH, {netlab.HOST_LAN}:8080 EHOSTUNREACH" in test_line, test_line
