@@ -2195,8 +2195,13 @@ class Network:
             if os.fstat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
                 raise SandboxError("a networked sandbox shares the server's network namespace")
             join = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
+            # slirp4netns --enable-sandbox makes only "/" private before it pivots and detaches
+            # the old root: from the server's own mount namespace that unmount would propagate
+            # and take mounts below the host's shared mounts with it (measured: /run/netns/*).
+            # So it starts in a mount namespace of its own, every mount private.
             slirp = subprocess.Popen(
-                ["/bin/sh", "-c", " && ".join([*join, 'exec "$@"']), "faas-slirp", self.tools["slirp4netns"],
+                ["/bin/sh", "-c", " && ".join([*join, 'exec "$@"']), "faas-slirp",
+                 self.tools["unshare"], "--mount", "--propagation", "private", "--", self.tools["slirp4netns"],
                  "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp",
                  f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -94,14 +94,17 @@ def in_lab_host(lab, argv):
             "--", "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv, *argv]
 
 
-def start_in_lab(faas, lab, env):
+def start_in_lab(faas, lab, env, own_mounts=True):
     """`python3 faas.py` in the lab host's network namespace (nsenter, so the cgroup mounts
-    stay as they are) with the lab resolver as its /etc/resolv.conf (a private mount)."""
+    stay as they are) with the lab resolver as its /etc/resolv.conf (a private mount), or,
+    without own_mounts, in this machine's mount namespace (and its resolv.conf: such a
+    server's functions must not look up names, which would leave the lab)."""
     full = clean_env()
     port = free_port()
     full.update(FAAS_DATA_DIR=str(faas.tmp.mktemp("faas-data")), HTTP_PORT=str(port), **env)
     logdir = faas.tmp.mktemp("faas-log")
-    command = in_lab_host(lab, [sys.executable, str(FAAS_PY)])
+    command = in_lab_host(lab, [sys.executable, str(FAAS_PY)]) if own_mounts else \
+        ["nsenter", f"--net=/run/netns/{lab.host}", "--", sys.executable, str(FAAS_PY)]
     with open(logdir / "stderr.txt", "wb") as err, open(logdir / "stdout.txt", "wb") as out:
         proc = subprocess.Popen(command, cwd=str(conftest.REPO), env=full, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err)
@@ -323,6 +326,27 @@ def test_secrets_reach_a_networked_function(srv):
                          "code": "import os\nreturn os.environ.get('API_KEY')"})
     assert_ok(srv.request("PUT", "/functions/net/secret/secrets", {"API_KEY": "k-net"}))
     assert assert_ok(srv.run("net/secret"))["data"] == "k-net"
+
+
+def lab_mounts(lab):
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if any(f"/run/netns/{ns} " in line for ns in (lab.host, lab.inet, lab.lan))]
+
+
+def test_networked_calls_leave_the_hosts_mounts_alone(faas, lab):
+    """slirp4netns's own sandbox detaches a root of its own: started from the server's
+    mount namespace it once took the host's /run/netns/* mounts with it. A server in this
+    machine's mount namespace; the lab's three namespace mounts must survive its calls."""
+    before = lab_mounts(lab)
+    assert len(before) == 3, before
+    server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0"}, own_mounts=False)
+    try:
+        for _ in range(3):
+            assert probe(server, [[netlab.INTERNET, 80]]) == {f"{netlab.INTERNET}:80": "OPEN:INTERNET"}
+        assert lab_mounts(lab) == before
+    finally:
+        server.stop()
+        assert_clean_log(server)
 
 
 def test_operator_deny_list(faas, lab):
