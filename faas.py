@@ -152,6 +152,7 @@ class Config:
     network_deny: tuple[str, ...] = ()
     network_max_connections: int = 64
     network_rate: int | None = None   # bytes/second each way, per networked call
+    network_pool_size: int = 1        # pre-started networked sandboxes per interpreter
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -218,6 +219,8 @@ class Config:
             network_max_connections=parse_number("FAAS_NETWORK_MAX_CONNECTIONS",
                                                  get("FAAS_NETWORK_MAX_CONNECTIONS", "64"), int, 1, 65535),
             network_rate=parse_size("FAAS_NETWORK_RATE", get("FAAS_NETWORK_RATE")) if get("FAAS_NETWORK_RATE") else None,
+            network_pool_size=parse_number("FAAS_POOL_SIZE_NETWORK",
+                                           get("FAAS_POOL_SIZE_NETWORK", str(min(pool_size, 1))), int, 0, 64),
         )
 
 
@@ -1644,8 +1647,9 @@ class Pool:
     that of a cold sandbox: same flags, same limits, nothing shared between calls."""
 
     def __init__(self, sandbox: Sandbox, sizes: dict[tuple[str, ...], int], limits: Limits,
-                 idle_seconds: float) -> None:
+                 idle_seconds: float, network: bool = False) -> None:
         self.sandbox = sandbox
+        self.network = network   # a pool of networked sandboxes (their own filter and slirp each)
         self.sizes = sizes
         self.limits = limits
         self.idle_seconds = idle_seconds
@@ -1694,7 +1698,7 @@ class Pool:
                 self.wake.clear()
                 continue
             try:
-                started = self.sandbox.start(list(argv), self.limits)
+                started = self.sandbox.start(list(argv), self.limits, network=self.network)
             except Exception:   # a failed spawn must not kill the pool; calls fall back to cold
                 LOG.exception("pool: could not start a sandbox")
                 self.closing.wait(1.0)
@@ -2115,6 +2119,7 @@ class Network:
         self.directory = runtime_dir / "net"
         self.rules_file = self.directory / "net.nft"
         self.rules = ""
+        self.changed_at = 0.0   # monotonic time of the last change of the rules
         self.lock = threading.Lock()
         self.current = Every(2.0, self.refresh)
         if self.enabled:
@@ -2154,7 +2159,14 @@ class Network:
                 staged.write_text(rules)
                 staged.replace(self.rules_file)
                 self.rules = rules
+                self.changed_at = time.monotonic()
         return rules
+
+    def current_for(self, started: "Started") -> bool:
+        """Whether a pre-started sandbox's filter was loaded from the current rules (a host
+        address that changed since must be blocked too)."""
+        self.current()
+        return started.born >= self.changed_at
 
     def self_test(self) -> None:
         """Load the filter once into a throw-away namespace: a server that could not filter
@@ -2516,11 +2528,13 @@ class SizedCache:
 class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
-    def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics,
+                 network_pool: Pool | None = None) -> None:
         self.config = config
         self.store = store
         self.sandbox = sandbox
         self.pool = pool
+        self.network_pool = network_pool
         self.metrics = metrics
         self.versions = SizedCache(32 << 20)
         self.limits = Limits.from_config(config)
@@ -2608,14 +2622,18 @@ class Invoker:
         def after_answer() -> None:
             """End the sandbox, then start its replacement: neither slows the answer."""
             outcome.cleanup()
-            self.pool.refill()
+            (self.network_pool if network == "internet" and self.network_pool else self.pool).refill()
         return status, answer, after_answer
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
                       sink: LineSink | None, networked: bool = False) -> Outcome:
         """A pre-started sandbox when the pool has one, else a cold one: never a wait.
-        A networked call always starts cold (its namespace, filter and slirp are its own)."""
-        started = None if networked else self.pool.take(argv, limits)
+        A networked call takes one of the networked pool, whose filter must be current."""
+        pool = self.network_pool if networked else self.pool
+        started = pool.take(argv, limits) if pool is not None else None
+        if started is not None and networked and not self.sandbox.network.current_for(started):
+            self.sandbox.discard(started)
+            started = None
         if started is None:
             started = self.sandbox.start([*argv, "--cold"], limits, network=networked)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
@@ -3193,7 +3211,9 @@ class App:
         pool_sizes = {runtime.argv: config.pool_sizes[pool_name(runtime.argv)] for runtime in RUNTIMES.values()
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
-        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics)
+        network_sizes = {argv: config.network_pool_size for argv in pool_sizes} if self.sandbox.network.enabled else {}
+        self.network_pool = Pool(self.sandbox, network_sizes, Limits.from_config(config), config.pool_idle, network=True)
+        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.network_pool)
         self.secrets = Secrets(config, self.store)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
@@ -3219,6 +3239,7 @@ class App:
                          for name, rt in RUNTIMES.items()},
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
             "max_runs": self.config.max_runs, "pool": self.pool.describe(),
+            "network_pool": self.network_pool.describe(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -3286,6 +3307,7 @@ class App:
 
     def close(self) -> None:
         self.pool.close()
+        self.network_pool.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -60,7 +60,7 @@ class Server:
         self.name, self.ns, self.port = name, ns, port
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "FAAS_", "HTTP_PORT"))}
         env.update(HTTP_PORT=str(port), FAAS_DATA_DIR=str(root / name), FAAS_POOL_SIZE=str(pool),
-                   FAAS_NETWORK="allow")
+                   FAAS_POOL_SIZE_NETWORK=str(min(pool, 1)), FAAS_NETWORK="allow")
         self.log = root / f"{name}.log"
         self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, str(FAAS)],
                                      env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))

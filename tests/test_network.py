@@ -130,6 +130,8 @@ def lab(tmp_path_factory):
 def srv(faas, lab):
     server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "1", "TIMEOUT_SCRIPT": "10",
                                       "FAAS_NETWORK_MAX_CONNECTIONS": str(MAX_CONNECTIONS)})
+    assert wait_until(lambda: all(p["idle"] == p["size"] == 1 for p in server.get("/healthz").body["network_pool"].values()),
+                      timeout=20), server.get("/healthz").body["network_pool"]
     yield server
     server.stop()
     assert_clean_log(server)
@@ -164,6 +166,8 @@ def test_a_networked_function_reaches_the_internet_by_address_and_by_name(srv):
     ts = "const r: string = await new Promise((ok) => require('http').get('http://api.example.test/', " \
          "(res: any) => { let b = ''; res.on('data', (c: any) => b += c); res.on('end', () => ok(b)); })); return r;"
     assert assert_ok(srv.run_now("typescript", ts, network="internet"))["data"] == "INTERNET"
+    pools = srv.get("/healthz").body["network_pool"]
+    assert pools["python"]["hits"] >= 1 and pools["node"]["hits"] >= 1, pools   # pre-started ones were used
 
 
 def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
@@ -311,10 +315,19 @@ def test_nothing_is_left_after_100_networked_calls(srv, lab):
     assert sum(r.status == 504 for r in answers) == 8, [r.status for r in answers]
 
     def leftovers():
+        """What networked calls left below the server beyond the networked pool's idle
+        sandboxes (each: one outer bwrap and one slirp4netns), and namespaces it holds."""
+        idle = sum(p["idle"] for p in srv.get("/healthz").body["network_pool"].values())
         below = descendants(srv.proc.pid, proc_table())
-        return [i["cmdline"] for i in below.values() if "slirp4netns" in i["cmdline"] or "--share-net" in i["cmdline"]
-                or i["comm"] in ("unshare", "nft")] + held_namespaces(srv.proc.pid)
+        slirps = [i for i in below.values() if i["comm"] == "slirp4netns"]
+        sandboxes = [i for i in below.values() if "--share-net" in i["cmdline"] and "--share-net" not in
+                     below.get(i["ppid"], {}).get("cmdline", "")]
+        stray = [i["cmdline"] for i in below.values() if i["comm"] in ("unshare", "nft", "faas-slirp")]
+        if len(slirps) == len(sandboxes) == idle and not stray:
+            return held_namespaces(srv.proc.pid)
+        return [f"idle {idle}", *(i["cmdline"][:80] for i in slirps + sandboxes), *stray]
     assert wait_until(lambda: not leftovers(), timeout=10), leftovers()
+    assert sum(p["size"] for p in srv.get("/healthz").body["network_pool"].values()) == 2
     assert subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout == host_rules
     assert subprocess.run(["ip", "netns", "exec", lab.host, "nft", "list", "ruleset"],
                           capture_output=True, text=True).stdout == ""
