@@ -6,7 +6,7 @@ the feature under test were broken.
 
     lab-inet ("internet")                                  lab-lan ("LAN" + metadata)
     203.0.113.1/24 (router, HTTP :80 too),                 10.77.0.10/24, 172.16.5.5, 192.168.5.5,
-    web 198.51.100.1:80, hold 198.51.100.1:8888,           100.64.5.5, 169.254.169.254 (HTTP :80
+    web 198.51.100.1:80, hold :8888, bulk :8080,           100.64.5.5, 169.254.169.254 (HTTP :80
     DNS 198.51.100.53 (rebind.*->10.77.0.10,               on all), UDP logger :5353
     meta.*->169.254.169.254, else 198.51.100.1)
                   | veth                                          | veth
@@ -16,7 +16,7 @@ the feature under test were broken.
                        lo: "redis" 127.0.0.1:6379; 0.0.0.0:9000 (a service on every address)
 
 Run as a program, it is one of the lab's servers: `netlab.py http ADDR PORT TAG`,
-`netlab.py hold ADDR PORT`, `netlab.py dns ADDR`, `netlab.py udplog ADDR PORT FILE`.
+`netlab.py hold ADDR PORT`, `netlab.py bulk ADDR PORT SIZE`, `netlab.py dns ADDR`, `netlab.py udplog ADDR PORT FILE`.
 """
 import contextlib
 import ctypes
@@ -39,6 +39,7 @@ ROUTER = "203.0.113.1"
 HOST_LAN = "10.77.0.2"
 LAN = "10.77.0.10"
 LAN_EXTRA = ("172.16.5.5", "192.168.5.5", "100.64.5.5", "169.254.169.254")
+BULK = 4 << 20   # bytes the bulk server sends per connection
 CLONE_NEWNET = 0x40000000
 
 
@@ -104,6 +105,7 @@ class Lab:
         sh("ip", "-n", self.lan, "route", "add", "default", "via", HOST_LAN)
         self.serve(self.inet, "http", "0.0.0.0", "80", "INTERNET")
         self.serve(self.inet, "hold", INTERNET, "8888")
+        self.serve(self.inet, "bulk", INTERNET, "8080", str(BULK))
         self.serve(self.inet, "dns", DNS)
         self.serve(self.lan, "http", "0.0.0.0", "80", "LAN")
         self.serve(self.lan, "udplog", "0.0.0.0", "5353", str(self.udp_log))
@@ -119,7 +121,7 @@ class Lab:
 
     def wait_ready(self):
         """Every TCP server answers from the lab host (the positive control)."""
-        targets = [(INTERNET, 80), (INTERNET, 8888), (LAN, 80), (HOST_PUBLIC, 9000), ("127.0.0.1", 6379),
+        targets = [(INTERNET, 80), (INTERNET, 8888), (INTERNET, 8080), (LAN, 80), (HOST_PUBLIC, 9000), ("127.0.0.1", 6379),
                    *((addr, 80) for addr in LAN_EXTRA)]
         deadline = time.monotonic() + 15
         for addr, port in targets:
@@ -163,6 +165,24 @@ def serve_http(addr, port, tag):
     socketserver.ThreadingTCPServer((addr, int(port)), Handler).serve_forever()
 
 
+def serve_bulk(addr, port, size):
+    """Sends `size` bytes to every connection, then closes it."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((addr, int(port)))
+    listener.listen(64)
+    chunk = b"x" * 65536
+    while True:
+        conn = listener.accept()[0]
+
+        def send(conn=conn):
+            with conn:
+                left = int(size)
+                while left > 0:
+                    left -= conn.send(chunk[:left])
+        threading.Thread(target=send, daemon=True).start()
+
+
 def serve_hold(addr, port):
     """Accepts and keeps every connection open (for the connection cap)."""
     listener = socket.socket()
@@ -204,4 +224,4 @@ def serve_udplog(addr, port, path):
 
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
-    {"http": serve_http, "hold": serve_hold, "dns": serve_dns, "udplog": serve_udplog}[kind](*rest)
+    {"http": serve_http, "hold": serve_hold, "bulk": serve_bulk, "dns": serve_dns, "udplog": serve_udplog}[kind](*rest)

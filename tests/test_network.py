@@ -362,6 +362,31 @@ def test_networked_calls_leave_the_hosts_mounts_alone(faas, lab):
         assert_clean_log(server)
 
 
+DOWNLOAD_PY = """import socket, time
+began = time.monotonic()
+got = 0
+with socket.create_connection(("198.51.100.1", 8080), timeout=20) as s:
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        got += len(chunk)
+return [got, time.monotonic() - began]"""
+
+
+def test_the_bandwidth_cap_slows_a_download(faas, lab):
+    """FAAS_NETWORK_RATE=1M: 4 MiB cannot arrive in less than (4 MiB - burst) / rate, about
+    3.75 s (a lower bound only: a busy machine can only make it slower)."""
+    server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0", "FAAS_NETWORK_RATE": "1M",
+                                      "TIMEOUT_SCRIPT": "60"})
+    try:
+        got, seconds = assert_ok(server.run_now("python", DOWNLOAD_PY, network="internet"))["data"]
+        assert got == netlab.BULK and seconds >= 3.0, (got, seconds)
+    finally:
+        server.stop()
+        assert_clean_log(server)
+
+
 def test_operator_deny_list(faas, lab):
     server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0",
                                       "FAAS_NETWORK_DENY": f"{netlab.INTERNET}/32, 2001:db8::/32"})
