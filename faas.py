@@ -3495,6 +3495,9 @@ def uninstall(prefix: Path, purge: bool) -> int:
         for path in (Path("/var/lib/faas"), ENV_FILE.parent):
             shutil.rmtree(path, ignore_errors=True)
             print(f"removed {path}")
+        user = os.environ.get("FAAS_SANDBOX_USER", "").strip() or "faas-sandbox"
+        if subprocess.run(["userdel", user], capture_output=True, check=False).returncode == 0:
+            print(f"removed the sandbox user {user}")
     else:
         print("kept the stored functions in /var/lib/faas and settings in /etc/faas (--purge removes them)")
     return 0
