@@ -16,7 +16,7 @@ the feature under test were broken.
                        lo: "redis" 127.0.0.1:6379; 0.0.0.0:9000 (a service on every address)
 
 Run as a program, it is one of the lab's servers: `netlab.py http ADDR PORT TAG`,
-`netlab.py hold ADDR PORT`, `netlab.py bulk ADDR PORT SIZE`, `netlab.py dns ADDR`, `netlab.py udplog ADDR PORT FILE`.
+`netlab.py https ADDR PORT CERT KEY TAG`, `netlab.py hold ADDR PORT`, `netlab.py bulk ADDR PORT SIZE`, `netlab.py dns ADDR`, `netlab.py udplog ADDR PORT FILE`.
 """
 import contextlib
 import ctypes
@@ -134,6 +134,20 @@ class Lab:
                         raise RuntimeError(f"lab server {addr}:{port} did not start")
                     time.sleep(0.05)
 
+    def serve_https(self):
+        """An HTTPS server on the internet address (port 443), its CA's PEM returned."""
+        ca, cert, key = make_certificates(self.workdir)
+        self.serve(self.inet, "https", INTERNET, "443", str(cert), str(key), "INTERNET-TLS")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with netns(self.host), socket.create_connection((INTERNET, 443), timeout=1):
+                    return ca.read_text()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the lab's HTTPS server did not start")
+                time.sleep(0.05)
+
     def fetch(self, addr, port=80):
         """GET / from the lab host itself (not through faas): the server's tag."""
         with netns(self.host), socket.create_connection((addr, port), timeout=3) as conn:
@@ -183,6 +197,42 @@ def serve_bulk(addr, port, size):
         threading.Thread(target=send, daemon=True).start()
 
 
+def serve_https(addr, port, cert, key, tag):
+    """serve_http behind TLS with the given certificate."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    body = tag.encode()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+        def get_request(self):
+            conn, client = self.socket.accept()
+            return context.wrap_socket(conn, server_side=True), client
+
+    Server((addr, int(port)), Handler).serve_forever()
+
+
+def make_certificates(directory):
+    """A throw-away CA and a certificate for api.example.test it signed (openssl)."""
+    d = Path(directory)
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out",
+       str(d / "ca.pem"), "-days", "2", "-subj", "/CN=faas lab CA")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "server.key"), "-out",
+       str(d / "server.csr"), "-subj", "/CN=api.example.test")
+    (d / "ext.cnf").write_text("subjectAltName=DNS:api.example.test\n")
+    sh("openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+       "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "2", "-extfile", str(d / "ext.cnf"))
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
 def serve_hold(addr, port):
     """Accepts and keeps every connection open (for the connection cap)."""
     listener = socket.socket()
@@ -224,4 +274,4 @@ def serve_udplog(addr, port, path):
 
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
-    {"http": serve_http, "hold": serve_hold, "bulk": serve_bulk, "dns": serve_dns, "udplog": serve_udplog}[kind](*rest)
+    {"http": serve_http, "https": serve_https, "hold": serve_hold, "bulk": serve_bulk, "dns": serve_dns, "udplog": serve_udplog}[kind](*rest)

@@ -170,6 +170,32 @@ def test_a_networked_function_reaches_the_internet_by_address_and_by_name(srv):
     assert pools["python"]["hits"] >= 1 and pools["node"]["hits"] >= 1, pools   # pre-started ones were used
 
 
+HTTPS_PY = """import ssl, urllib.request
+system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+lab = ssl.create_default_context(cadata=event["ca"])
+body = urllib.request.urlopen("https://api.example.test/", context=lab, timeout=5).read().decode()
+try:
+    urllib.request.urlopen("https://api.example.test/", timeout=5)
+    unknown = "accepted"
+except Exception as e:
+    unknown = "CERTIFICATE_VERIFY_FAILED" if "CERTIFICATE_VERIFY_FAILED" in str(e) else repr(e)
+return [system, body, unknown]"""
+HTTPS_JS = """const https = require('https'), tls = require('tls');
+const get = (ca) => new Promise((ok) => https.get({ host: 'api.example.test', path: '/', ca, timeout: 5000 }, (res) => {
+  let b = ''; res.on('data', (c) => { b += c; }); res.on('end', () => ok(b)); }).on('error', (e) => ok(e.code)));
+return [tls.rootCertificates.length, await get(event.ca), await get(undefined)];"""
+
+
+def test_https_works_with_the_system_certificates_and_verifies(srv, lab):
+    """The system CA store is there (Python loads it from /etc/ssl/certs, Node has its own),
+    and TLS through slirp verifies: the lab's CA is trusted only when the code says so."""
+    ca = lab.serve_https()
+    system, body, unknown = assert_ok(srv.run_now("python", HTTPS_PY, network="internet", input={"ca": ca}))["data"]
+    assert system > 50 and body == "INTERNET-TLS" and unknown == "CERTIFICATE_VERIFY_FAILED", (system, body, unknown)
+    roots, body, unknown = assert_ok(srv.run_now("javascript", HTTPS_JS, network="internet", input={"ca": ca}))["data"]
+    assert roots > 50 and body == "INTERNET-TLS" and unknown == "UNABLE_TO_VERIFY_LEAF_SIGNATURE", (roots, body, unknown)
+
+
 def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
     port = srv.port
     targets = [["127.0.0.1", port], ["127.0.0.1", 6379], ["localhost", port],   # the sandbox's own loopback
