@@ -1811,7 +1811,7 @@ def foreign_processes(uid: int, ours: tuple[str, ...]) -> list[str]:
     return found
 
 
-def resolve_sandbox_identity(config: Config) -> Config:
+def resolve_sandbox_identity(config: Config, create: bool = True) -> Config:
     """The config with the sandbox's uid and gid filled in. As root: FAAS_SANDBOX_UID, else
     the FAAS_SANDBOX_USER system user (created if missing); refused when the uid is in use.
     Not root: sandboxes run as the server's own uid (there is no other to drop to)."""
@@ -1819,7 +1819,7 @@ def resolve_sandbox_identity(config: Config) -> Config:
         return dataclasses.replace(config, sandbox_uid=os.geteuid(), sandbox_gid=os.getegid())
     uid, gid = config.sandbox_uid, config.sandbox_gid
     if uid is None:
-        uid, user_gid = sandbox_user_ids(config.sandbox_user, create=True)
+        uid, user_gid = sandbox_user_ids(config.sandbox_user, create=create)
         gid = gid or user_gid
     ours = tuple(str(Path(found).resolve()) for found in (shutil.which("bwrap"), shutil.which("setpriv")) if found)
     others = foreign_processes(uid, ours)
@@ -2284,7 +2284,7 @@ def network_self_test(config: Config, port: int) -> tuple[bool, str]:
     must fail. Every packet stays on this machine (never a LAN or metadata address)."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="faas-check-"))
     try:
-        config = dataclasses.replace(resolve_sandbox_identity(config), network="allow")
+        config = dataclasses.replace(resolve_sandbox_identity(config, create=False), network="allow")
         sandbox = Sandbox(config, RlimitBackend(), runtime_dir)   # Network() loads the filter once
         listed = subprocess.run([*sandbox.network.gate_prefix(), "/bin/sh", "-c", f"{sandbox.network.gate_step()} && "
                                  f"{shlex.quote(sandbox.network.tools['nft'])} list table inet faas"],
