@@ -205,7 +205,7 @@ def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
                [netlab.LAN, 80], *([a, 80] for a in netlab.LAN_EXTRA),
                ["rebind.test", 80], ["meta.test", 80]]                         # names resolving there
     mark = "faas-udp-" + os.urandom(4).hex()
-    udp = [[netlab.LAN, 5353], ["169.254.169.254", 5353], ["172.16.5.5", 5353]]
+    udp = [[netlab.LAN, 5353], ["169.254.169.254", 5353], ["172.16.5.5", 5353], ["224.0.0.251", 5353]]
     got = probe(srv, targets, udp, mark)
     for target, outcome in got.items():
         if target.startswith("udp:"):
@@ -256,6 +256,15 @@ for name, cmd in (("flush", ["/usr/sbin/nft", "flush", "ruleset"]), ("delete", [
                   ("addr", ["/usr/sbin/ip", "addr", "add", "10.77.0.99/24", "dev", "tap0"])):
     done = subprocess.run(cmd, capture_output=True)
     out[name] = done.returncode
+for name, target in (("v6_internet", ("2001:db8:1::1", 80)), ("v6_loopback", ("::1", 8080))):
+    s = socket.socket(socket.AF_INET6)
+    s.settimeout(3)
+    try:
+        s.connect(target)
+        out[name] = "OPEN"
+    except OSError as e:
+        out[name] = type(e).__name__ + ":" + str(e.errno)
+    s.close()
 out["resolv"] = open("/etc/resolv.conf").read()
 out["certs"] = len(os.listdir("/etc/ssl/certs")) > 0
 import ssl
@@ -273,6 +282,7 @@ def test_inside_no_raw_sockets_no_capabilities_and_the_filter_cannot_be_changed(
     for name in ("flush", "delete", "add", "route", "addr"):
         assert got[name] != 0, (name, got)
     assert got["resolv"] == "nameserver 10.0.2.3\n" and got["certs"] and got["cas"], got
+    assert got["v6_internet"] == "OSError:101" and got["v6_loopback"] == "ConnectionRefusedError:111", got   # no IPv6 route
     # the next call still has its filter (every call gets its own, nothing is shared)
     again = probe(srv, [[netlab.LAN, 80], [netlab.INTERNET, 80]])
     assert again[f"{netlab.LAN}:80"] in CONNECT_ERRORS and again[f"{netlab.INTERNET}:80"] == "OPEN:INTERNET"
@@ -411,6 +421,41 @@ def test_the_bandwidth_cap_slows_a_download(faas, lab):
     finally:
         server.stop()
         assert_clean_log(server)
+
+
+def runtime_dir_of(server):
+    """The server's runtime directory, from the bwrap command line of a slow call."""
+    import threading
+    box = {}
+    slow = threading.Thread(target=lambda: box.setdefault("r", server.run_now("python", "import time\ntime.sleep(2)")))
+    slow.start()
+    try:
+        def find():
+            for info in descendants(server.proc.pid, proc_table()).values():
+                for arg in info["cmdline"].split():
+                    if arg.endswith("/passwd") and "faas-runtime-" in arg:
+                        return Path(arg).parent
+        return wait_until(find, timeout=10)
+    finally:
+        slow.join()
+
+
+def test_a_filter_that_does_not_load_fails_the_call_closed(faas, lab):
+    server = start_in_lab(faas, lab, {"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0"})
+    try:
+        rules = runtime_dir_of(server) / "net" / "net.nft"
+        good = rules.read_text()
+        rules.write_text(good.replace("reject with icmpx type admin-prohibited", "reject with nonsense", 1))
+        r = server.run_now("python", PROBE_PY, network="internet", input={"tcp": [[netlab.LAN, 80]]})
+        assert_error(r, 500)
+        assert "LAN" not in r.raw.decode()
+        assert "network filter could not be loaded" in server.stderr_text()
+        assert wait_until(lambda: not [i for i in descendants(server.proc.pid, proc_table()).values()
+                                       if i["comm"] in ("slirp4netns", "bwrap", "unshare")], timeout=10)
+        rules.write_text(good)
+        assert probe(server, [[netlab.LAN, 80]])[f"{netlab.LAN}:80"] in CONNECT_ERRORS
+    finally:
+        server.stop()
 
 
 def test_operator_deny_list(faas, lab):
