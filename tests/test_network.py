@@ -370,6 +370,34 @@ def test_nothing_is_left_after_100_networked_calls(srv, lab):
     assert srv.get("/healthz").status == 200
 
 
+def test_slirp4netns_runs_in_the_calls_cgroups(srv):
+    """Its CPU and memory count against the call's limits, and the run's cgroup kill ends it."""
+    if srv.get("/healthz").body["limits"] not in ("cgroup-v1", "cgroup-v2"):
+        pytest.skip("the lab server has no per-run cgroups here")
+    import random
+    import threading
+    mark = f"9{random.randrange(10**8, 10**9)}"   # a unique number of seconds to sleep
+    code = f"import subprocess, time\np = subprocess.Popen(['sleep', '{mark}'])\ntime.sleep(2)\np.kill()\nreturn 1"
+    box = {}
+    slow = threading.Thread(target=lambda: box.setdefault("r", srv.run_now("python", code, network="internet")))
+    slow.start()
+    try:
+        def sleeper():
+            return next((pid for pid, i in descendants(srv.proc.pid, proc_table()).items()
+                         if f"sleep {mark}" in i["cmdline"]), None)
+        pid = wait_until(sleeper, timeout=10)
+        assert pid, "the slow networked call did not start"
+        memory = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                      if ":memory:" in line or line.startswith("0::"))
+        slirps = [p for p, i in descendants(srv.proc.pid, proc_table()).items() if i["comm"] == "slirp4netns"]
+        cgroups = {p: Path(f"/proc/{p}/cgroup").read_text() for p in slirps}
+        assert sum(memory in text.splitlines() for text in cgroups.values()) == 1, (memory, cgroups)
+        assert memory not in Path(f"/proc/{srv.proc.pid}/cgroup").read_text().splitlines()
+    finally:
+        slow.join()
+    assert_ok(box["r"])
+
+
 def test_secrets_reach_a_networked_function(srv):
     srv.post("/upload", {"path": "net/secret", "language": "python", "network": "internet",
                          "code": "import os\nreturn os.environ.get('API_KEY')"})
