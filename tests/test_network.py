@@ -4,11 +4,13 @@ lab "LAN", so no packet of these tests can leave the machine, even if the filter
 broken. The test process itself talks to that server from inside the lab namespace.
 Needs root (namespaces, nftables, slirp4netns)."""
 import concurrent.futures
-import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -214,7 +216,6 @@ def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
             assert outcome in CONNECT_ERRORS, (target, outcome)   # an error at once: not OPEN, not TIMEOUT
     # nothing arrived at the LAN's UDP logger, which does log what the lab host sends it
     with netlab.netns(lab.host):
-        import socket
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"control-" + mark.encode(), (netlab.LAN, 5353))
     assert wait_until(lambda: lab.udp_log.exists() and b"control-" + mark.encode() in lab.udp_log.read_bytes())
@@ -374,8 +375,6 @@ def test_slirp4netns_runs_in_the_calls_cgroups(srv):
     """Its CPU and memory count against the call's limits, and the run's cgroup kill ends it."""
     if srv.get("/healthz").body["limits"] not in ("cgroup-v1", "cgroup-v2"):
         pytest.skip("the lab server has no per-run cgroups here")
-    import random
-    import threading
     mark = f"9{random.randrange(10**8, 10**9)}"   # a unique number of seconds to sleep
     code = f"import subprocess, time\np = subprocess.Popen(['sleep', '{mark}'])\ntime.sleep(2)\np.kill()\nreturn 1"
     box = {}
@@ -453,7 +452,6 @@ def test_the_bandwidth_cap_slows_a_download(faas, lab):
 
 def runtime_dir_of(server):
     """The server's runtime directory, from the bwrap command line of a slow call."""
-    import threading
     box = {}
     slow = threading.Thread(target=lambda: box.setdefault("r", server.run_now("python", "import time\ntime.sleep(2)")))
     slow.start()
