@@ -43,6 +43,7 @@ command -v slirp4netns >/dev/null 2>&1 || apt_pkgs+=(slirp4netns)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || apt_pkgs+=(nftables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || apt_pkgs+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || apt_pkgs+=(util-linux)
+command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)   # the lab's test CA (HTTPS test)
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${apt_pkgs[*]} and no apt-get to install them"
