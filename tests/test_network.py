@@ -86,7 +86,8 @@ class LabServer(FaasServer):
         return self.request("POST", path, body, headers, timeout)
 
     def sse(self, path, body=None, headers=None, timeout=60):
-        raise NotImplementedError("not used in the lab")
+        with netlab.netns(self.lab.host):   # the connection is made here; reading it works anywhere
+            return conftest.SSEStream(self.url, path, body, headers, timeout)
 
 
 def in_lab_host(lab, argv):
@@ -229,6 +230,14 @@ def test_a_function_without_network_has_none(srv):
     srv.upload("plain/probe", "python", PROBE_PY)
     body = assert_ok(srv.run("plain/probe", input={"tcp": [[netlab.INTERNET, 80]]}))
     assert body["data"] == {f"{netlab.INTERNET}:80": "ENETUNREACH"}
+
+
+def test_a_streamed_networked_call(srv):
+    code = ("import urllib.request\nprint('fetching', flush=True)\n"
+            "return urllib.request.urlopen('http://api.example.test/', timeout=5).read().decode()")
+    events = srv.sse("/run-now", {"language": "python", "code": code, "network": "internet"}).all_events()
+    assert events[0] == {"event": "log", "data": "fetching", "type": "text", "stream": "stdout"}, events
+    assert events[-1]["event"] == "result" and events[-1]["data"] == "INTERNET", events
 
 
 def test_a_stored_networked_function_keeps_its_network(srv):
