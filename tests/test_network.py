@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,24 @@ def test_the_host_its_networks_and_private_ranges_are_refused_at_once(srv, lab):
     assert wait_until(lambda: lab.udp_log.exists() and b"control-" + mark.encode() in lab.udp_log.read_bytes())
     assert mark.encode() + b"\n" not in lab.udp_log.read_bytes().replace(b"control-" + mark.encode(), b"")
     assert srv.get("/healthz").status == 200
+
+
+def test_an_address_the_host_gains_later_is_refused_too(srv, lab):
+    """The filter is rewritten when the host's addresses change (checked every 2 s), and a
+    pre-started networked sandbox whose filter predates the change is not used."""
+    new = "192.0.2.77"   # not a private range: only "it is the host's own" blocks it
+    assert wait_until(lambda: srv.get("/healthz").body["network_pool"]["python"]["idle"] == 1, timeout=10)
+    netlab.sh("ip", "-n", lab.host, "addr", "add", f"{new}/32", "dev", "lo")
+    try:
+        assert lab.fetch(new, 9000) == "HOST-ANYADDR"
+        time.sleep(2.5)   # the addresses are looked at again when 2 s have passed
+        before = srv.get("/healthz").body["network_pool"]["python"]["hits"]
+        for _ in range(3):   # the first would have used the sandbox pre-started before the change
+            assert probe(srv, [[new, 9000]])[f"{new}:9000"] in CONNECT_ERRORS
+            wait_until(lambda: srv.get("/healthz").body["network_pool"]["python"]["idle"] == 1, timeout=10)
+        assert srv.get("/healthz").body["network_pool"]["python"]["hits"] > before
+    finally:
+        netlab.sh("ip", "-n", lab.host, "addr", "del", f"{new}/32", "dev", "lo")
 
 
 def test_a_function_without_network_has_none(srv):
