@@ -1913,7 +1913,12 @@ def secret_master_key(config: Config) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        key = bytes.fromhex(path.read_text().strip())
+        if os.stat(path).st_mode & 0o077:
+            LOG.warning("%s is readable by other users: chmod 600 it", path)
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            key = b""
         if len(key) < 16:
             raise ConfigError(f"{path} does not hold a key (64 hex digits)") from None
         return key
@@ -1979,7 +1984,12 @@ class Secrets:
     def box(self) -> SecretBox:
         with self.lock:
             if self.sealer is None:
-                self.sealer = SecretBox(secret_master_key(self.config))
+                try:
+                    self.sealer = SecretBox(secret_master_key(self.config))
+                except (ConfigError, OSError) as error:
+                    LOG.error("secrets key: %s", error)
+                    raise ApiError(500, "the server's secrets key cannot be read (see its log; "
+                                        "FAAS_SECRET_KEY or secret.key in the data directory)") from None
             return self.sealer
 
     def replace(self, path: str, values: dict[str, str]) -> list[str]:

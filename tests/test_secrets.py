@@ -202,6 +202,20 @@ def test_servers_sharing_redis_need_the_same_key(faas, uid):
             assert_clean_log(server)
 
 
+def test_an_unreadable_key_file_is_a_500_with_a_sentence(faas):
+    server = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
+    try:
+        server.upload("f", "python", READ_PY)
+        (Path(server.env["FAAS_DATA_DIR"]) / "secret.key").write_text("not hex\n")
+        body = assert_error(put(server, "f", {"API_KEY": VALUE}), 500)
+        assert "secrets key cannot be read" in body["error"]
+        assert "does not hold a key" in server.stderr_text()
+        assert server.get("/functions/f").body["secrets"] == []
+    finally:
+        server.stop()
+        assert_clean_log(server)
+
+
 def test_a_short_secret_key_stops_the_server(faas):
     server = faas.start(store="sqlite", env={"FAAS_SECRET_KEY": "short"}, wait=False)
     assert server.proc.wait(20) == 2
