@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -526,13 +527,14 @@ def test_operator_deny_list(faas, lab):
 # These servers run outside the lab: with network off nothing networked ever starts, and the
 # allowed one below only stores a function (its syntax check runs without network).
 
-def test_network_off_refuses_uploads_and_calls(faas, uid):
-    allowed = faas.start(store="sqlite", env={"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0"})
-    data_dir = allowed.env["FAAS_DATA_DIR"]
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_network_off_refuses_uploads_and_calls(faas, uid, store):
+    allowed = faas.start(store=store, env={"FAAS_NETWORK": "allow", "FAAS_POOL_SIZE": "0"})
+    same_store = {k: allowed.env[k] for k in ("FAAS_DATA_DIR", "REDIS_URL", "FAAS_REDIS_PREFIX") if k in allowed.env}
     assert_ok(allowed.post("/upload", {"path": f"{uid}/net", "language": "python", "code": "return 1",
                                        "network": "internet"}))
     allowed.stop()
-    off = faas.start(store="sqlite", env={"FAAS_DATA_DIR": data_dir, "FAAS_POOL_SIZE": "0"})
+    off = faas.start(store=store, env={**same_store, "FAAS_POOL_SIZE": "0"})
     try:
         assert off.get("/healthz").body["network"] == "off"
         body = assert_error(off.run(f"{uid}/net"), 403)
@@ -576,3 +578,31 @@ def test_check_reports_the_network_tools_and_runs_its_self_test(lab):
     test_line = next(line for line in done.stdout.splitlines() if "network test" in line)
     assert test_line.startswith("ok"), test_line
     assert f"10.0.2.2:8080 EHOSTUNREACH, {netlab.HOST_LAN}:8080 EHOSTUNREACH" in test_line, test_line
+
+
+def test_a_store_made_before_the_network_column_is_upgraded(faas, tmp_path):
+    """A SQLite store written by an earlier faas (no `network` column) opens, its versions
+    run without network, and new uploads record theirs."""
+    data = tmp_path / "old-store"
+    data.mkdir()
+    db = sqlite3.connect(data / "faas.sqlite3")
+    db.executescript("""
+        CREATE TABLE functions (path TEXT PRIMARY KEY, latest INTEGER NOT NULL, high_water INTEGER NOT NULL,
+                                updated REAL NOT NULL);
+        CREATE TABLE versions (path TEXT NOT NULL, version INTEGER NOT NULL, language TEXT NOT NULL,
+                               code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL, limits TEXT,
+                               PRIMARY KEY (path, version));
+        INSERT INTO functions VALUES ('old/f', 100, 100, 1.0);
+        INSERT INTO versions VALUES ('old/f', 100, 'python', 'return 41 + 1', NULL, 1.0, NULL);""")
+    db.commit()
+    db.close()
+    server = faas.start(store="sqlite", env={"FAAS_DATA_DIR": str(data), "FAAS_POOL_SIZE": "0", "FAAS_NETWORK": "allow"})
+    try:
+        assert assert_ok(server.get("/functions/old/f"))["network"] == "none"
+        assert assert_ok(server.run("old/f"))["data"] == 42
+        assert_ok(server.post("/upload", {"path": "old/f", "language": "python", "code": "return 1",
+                                          "network": "internet"}))
+        assert [v["network"] for v in server.get("/functions/old/f").body["versions"]] == ["none", "internet"]
+    finally:
+        server.stop()
+        assert_clean_log(server)
