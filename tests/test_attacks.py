@@ -83,7 +83,12 @@ def server_cgroup_dirs(server_pid):
             continue
         for depth in range(0, 4):
             pattern = "/".join(["*"] * depth + [f"faas-{server_pid}"])
-            found += [p for p in root.glob(pattern) if p.is_dir()]
+            while True:   # other servers on this machine remove their cgroups while we look
+                try:
+                    found += [p for p in root.glob(pattern) if p.is_dir()]
+                    break
+                except FileNotFoundError:
+                    continue
     return sorted(set(found))
 
 
