@@ -83,12 +83,13 @@ def server_cgroup_dirs(server_pid):
             continue
         for depth in range(0, 4):
             pattern = "/".join(["*"] * depth + [f"faas-{server_pid}"])
-            while True:   # other servers on this machine remove their cgroups while we look
+            for attempt in range(20):   # other servers on this machine remove cgroups while we look
                 try:
                     found += [p for p in root.glob(pattern) if p.is_dir()]
                     break
                 except FileNotFoundError:
-                    continue
+                    if attempt == 19:
+                        raise
     return sorted(set(found))
 
 
