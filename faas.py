@@ -12,6 +12,7 @@ Standard library only; redis-py is imported only when a Redis store is configure
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -72,6 +73,7 @@ class ConfigError(Exception):
 
 # The pre-started sandboxes are per wrapper program: node's serves JavaScript and TypeScript.
 POOLS = ("python", "node")
+NOBODY = 65534   # the shared 'nobody' uid: never a sandbox's (research/network.md §7)
 SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -152,12 +154,19 @@ class Config:
     token: str | None
     invoke_token: str | None
     insecure: bool
-    sandbox_uid: int
-    sandbox_gid: int
+    sandbox_user: str
+    sandbox_uid: int | None      # None: the uid of sandbox_user, resolved at start-up
+    sandbox_gid: int | None
     limits: str
     esbuild: Path | None
     deps: "DepsConfig"
     console: bool = True
+    secret_key: str | None = None     # FAAS_SECRET_KEY; else <data dir>/secret.key
+    network: str = "off"              # FAAS_NETWORK: off, or allow functions that ask for the internet
+    network_deny: tuple[str, ...] = ()
+    network_max_connections: int = 64
+    network_rate: int | None = None   # bytes/second each way, per networked call
+    network_pool_size: int = 1        # pre-started networked sandboxes per interpreter
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -181,7 +190,10 @@ class Config:
             raise ConfigError(f"FAAS_HOST={host!r} is not a loopback address: anyone reaching it "
                               "could run code. Set FAAS_TOKEN, or FAAS_INSECURE=1 to accept that")
         esbuild = get("FAAS_ESBUILD") or str(HERE / "node_modules/@esbuild/linux-x64/bin/esbuild")
-        uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID", "65534"), int, 1)
+        uid = parse_number("FAAS_SANDBOX_UID", get("FAAS_SANDBOX_UID"), int, 1) if get("FAAS_SANDBOX_UID") else None
+        if uid == NOBODY:
+            raise ConfigError("FAAS_SANDBOX_UID=65534 is 'nobody', shared with other host processes: "
+                              "leave it unset (faas creates its own user, FAAS_SANDBOX_USER) or pick a free uid")
         cpus = os.cpu_count() or 1
         pool_size = parse_number("FAAS_POOL_SIZE", get("FAAS_POOL_SIZE", "2"), int, 0, 64)
         return cls(
@@ -209,13 +221,35 @@ class Config:
             token=token,
             invoke_token=invoke_token,
             insecure=insecure,
+            sandbox_user=get("FAAS_SANDBOX_USER", "faas-sandbox"),
             sandbox_uid=uid,
-            sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID", str(uid)), int, 1),
+            sandbox_gid=parse_number("FAAS_SANDBOX_GID", get("FAAS_SANDBOX_GID"), int, 1)
+            if get("FAAS_SANDBOX_GID") else uid,
             limits=limits,
             esbuild=Path(esbuild),
             console=parse_switch("FAAS_CONSOLE", get("FAAS_CONSOLE", "on")),
             deps=DepsConfig.from_env(get),
+            secret_key=check_secret_key(get("FAAS_SECRET_KEY")),
+            network=check_network_switch(get("FAAS_NETWORK", "off")),
+            network_deny=parse_networks("FAAS_NETWORK_DENY", get("FAAS_NETWORK_DENY")),
+            network_max_connections=parse_number("FAAS_NETWORK_MAX_CONNECTIONS",
+                                                 get("FAAS_NETWORK_MAX_CONNECTIONS", "64"), int, 1, 65535),
+            network_rate=parse_size("FAAS_NETWORK_RATE", get("FAAS_NETWORK_RATE")) if get("FAAS_NETWORK_RATE") else None,
+            network_pool_size=parse_number("FAAS_POOL_SIZE_NETWORK",
+                                           get("FAAS_POOL_SIZE_NETWORK", str(min(pool_size, 1))), int, 0, 64),
         )
+
+
+def check_network_switch(value: str) -> str:
+    if value not in ("off", "allow"):
+        raise ConfigError(f"FAAS_NETWORK={value!r} must be 'off' (the default) or 'allow'")
+    return value
+
+
+def check_secret_key(key: str) -> str | None:
+    if key and len(key) < 32:
+        raise ConfigError("FAAS_SECRET_KEY must be at least 32 characters (for example: openssl rand -hex 32)")
+    return key or None
 
 
 def redis_url_from_parts(get: Callable[..., str]) -> str:
@@ -266,6 +300,7 @@ class Version:
     created: float
     limits: dict[str, Any] | None = None   # the upload's own lower timeout/memory
     deps: dict[str, Any] | None = None     # its libraries' lock (see Layers), else None
+    network: str = "none"                   # "internet": opted in to the filtered internet
 
     @property
     def runnable(self) -> str:
@@ -274,7 +309,8 @@ class Version:
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "language": self.language, "size": len(self.code.encode()),
                 "sha256": hashlib.sha256(self.code.encode()).hexdigest(), "created": self.created,
-                "limits": self.limits, **({"dependencies": deps_summary(self.deps)} if self.deps else {})}
+                "limits": self.limits, "network": self.network,
+                **({"dependencies": deps_summary(self.deps)} if self.deps else {})}
 
 
 def next_version(previous: int) -> int:
@@ -286,7 +322,8 @@ class Store(Protocol):
     kind: str
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version: ...
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None,
+            network: str = "none") -> Version: ...
     def get(self, path: str, version: int | None = None) -> Version | None: ...
     def find(self, path: str, version: int | None = None) -> int | None: ...
     def describe(self, path: str) -> dict[str, Any] | None: ...
@@ -311,6 +348,8 @@ class SQLiteStore:
             code TEXT NOT NULL, compiled TEXT, created REAL NOT NULL, limits TEXT,
             PRIMARY KEY (path, version));
     """
+    ADDED_COLUMNS = {"deps": "ALTER TABLE versions ADD COLUMN deps TEXT",   # stores made before libraries
+                     "network": "ALTER TABLE versions ADD COLUMN network TEXT"}   # and before network
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -318,8 +357,10 @@ class SQLiteStore:
         self.idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         with self.connection() as db:
             db.executescript(self.SCHEMA)
-            if "deps" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}:
-                db.execute("ALTER TABLE versions ADD COLUMN deps TEXT")   # stores made before libraries
+            present = {row[1] for row in db.execute("PRAGMA table_info(versions)")}
+            for column, statement in self.ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(statement)
 
     IDLE_CONNECTIONS = 4   # each holds a page cache (up to 2 MiB): a burst must not keep them
 
@@ -359,26 +400,28 @@ class SQLiteStore:
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
 
-    COLUMNS = "path, version, language, code, compiled, created, limits, deps"
+    COLUMNS = "path, version, language, code, compiled, created, limits, deps, network"
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version:
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None,
+            network: str = "none") -> Version:
         with self.transaction() as db:
             row = db.execute("SELECT high_water FROM functions WHERE path=?", (path,)).fetchone()
             version = next_version(row[0] if row else 0)
             now = time.time()
-            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO versions ({self.COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                        (path, version, language, code, compiled, now, json.dumps(limits) if limits else None,
-                        json.dumps(deps) if deps else None))
+                        json.dumps(deps) if deps else None, network))
             db.execute("INSERT INTO functions VALUES (?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
                        "latest=excluded.latest, high_water=excluded.high_water, updated=excluded.updated",
                        (path, version, version, now))
-        return Version(path, version, language, code, compiled, now, limits, deps)
+        return Version(path, version, language, code, compiled, now, limits, deps, network)
 
     @staticmethod
     def version_from_row(row: tuple) -> Version:
-        *fields, limits, deps = row
-        return Version(*fields, json.loads(limits) if limits else None, json.loads(deps) if deps else None)
+        *fields, limits, deps, network = row
+        return Version(*fields, json.loads(limits) if limits else None, json.loads(deps) if deps else None,
+                       network or "none")
 
     def find(self, path: str, version: int | None = None) -> int | None:
         """The latest version's number, or `version` if it exists: a cheap look-up."""
@@ -464,7 +507,7 @@ class RedisStore:
         local version = math.max(tonumber(ARGV[1]), high + 1)
         redis.call('HSET', KEYS[3] .. version, 'language', ARGV[2], 'code', ARGV[3],
                    'compiled', ARGV[4], 'has_compiled', ARGV[5], 'created', ARGV[6], 'limits', ARGV[8],
-                   'deps', ARGV[9])
+                   'deps', ARGV[9], 'network', ARGV[10])
         redis.call('ZADD', KEYS[4], version, version)
         redis.call('HSET', KEYS[2], 'latest', version, 'high_water', version, 'updated', ARGV[6])
         redis.call('SADD', KEYS[1], ARGV[7])
@@ -513,12 +556,13 @@ class RedisStore:
         return [f"{self.prefix}functions", base, f"{base}:v:", f"{base}:versions"]
 
     def put(self, path: str, language: str, code: str, compiled: str | None,
-            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None) -> Version:
+            limits: dict[str, Any] | None, deps: dict[str, Any] | None = None,
+            network: str = "none") -> Version:
         now = time.time()
         version = int(self.put_script(keys=self.keys(path), args=[
             int(now), language, code, compiled or "", int(compiled is not None), repr(now), path,
-            json.dumps(limits) if limits else "", json.dumps(deps) if deps else ""]))
-        return Version(path, version, language, code, compiled, now, limits, deps)
+            json.dumps(limits) if limits else "", json.dumps(deps) if deps else "", network]))
+        return Version(path, version, language, code, compiled, now, limits, deps, network)
 
     def find(self, path: str, version: int | None = None) -> int | None:
         _, base, _, versions = self.keys(path)
@@ -543,7 +587,8 @@ class RedisStore:
         limits = json.loads(fields[b"limits"]) if fields.get(b"limits") else None
         deps = json.loads(fields[b"deps"]) if fields.get(b"deps") else None
         return Version(path, version, fields[b"language"].decode(), fields[b"code"].decode(),
-                       compiled, float(fields[b"created"]), limits, deps)
+                       compiled, float(fields[b"created"]), limits, deps,
+                       (fields.get(b"network") or b"none").decode())
 
     def describe(self, path: str) -> dict[str, Any] | None:
         _, base, version_prefix, versions = self.keys(path)
@@ -2217,6 +2262,7 @@ class Started:
     limits: Limits
     born: float
     spawn_ms: float
+    network: "NetworkHelper | None" = None   # a networked sandbox's slirp4netns
 
 
 class Sandbox:
@@ -2228,7 +2274,7 @@ class Sandbox:
 
     def __init__(self, config: Config, limits: LimitBackend, runtime_dir: Path,
                  layers_dir: Path | None = None) -> None:
-        self.config = config
+        self.config = config = config if config.sandbox_uid is not None else resolve_sandbox_identity(config)
         self.limits = limits
         self.layers_dir = layers_dir   # bound read-only into every sandbox (see Layers)
         self.bwrap = shutil.which("bwrap") or "bwrap"
@@ -2239,6 +2285,8 @@ class Sandbox:
         self.install_runtime_files(uid, gid)
         self.base_argv = self.build_base_argv(uid, gid)
         self.seccomp = seccomp_program(platform.machine())
+        self.network = Network(config, runtime_dir)
+        self.network_argv = self.network.sandbox_argv(self.base_argv) if self.network.enabled else None
 
     def install_runtime_files(self, uid: int, gid: int) -> None:
         os.chmod(self.runtime_dir, 0o755)
@@ -2279,7 +2327,7 @@ class Sandbox:
             *thread_variables(self.config.max_cpus),
         ]
 
-    def gate(self, limits: Limits, cgroup: RunCgroup) -> list[str]:
+    def gate(self, limits: Limits, cgroup: RunCgroup, network: bool = False) -> list[str]:
         """The process started first: it joins the run's cgroups (writing 0, "myself"),
         sets its rlimits, drops to the sandbox user, then becomes bwrap. So every process
         of the run starts inside its limits, race-free and without preexec_fn. Dropping
@@ -2287,17 +2335,20 @@ class Sandbox:
         forking a busy server costs milliseconds. `echo` is a builtin of /bin/sh (dash),
         so the gate itself writes the 0; if joining fails, the chain stops before bwrap."""
         steps = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
+        steps += [self.network.gate_step()] if network else []   # the filter, before bwrap exists
         steps += [rlimit_commands(limits, self.limits.name), 'exec "$@"']
-        return ["/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
+        unshare = self.network.gate_prefix() if network else []
+        return [*unshare, "/bin/sh", "-c", " && ".join(steps), "faas-gate", *self.privilege_drop(cgroup)]
 
     def start(self, argv: list[str], limits: Limits, result_fd: bool = True,
-              base: list[str] | None = None) -> "Started":
+              base: list[str] | None = None, network: bool = False) -> "Started":
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
         the request on stdin. Nothing of the caller's runs until `complete` sends it. `base`
-        replaces the bwrap argv (a layer build's)."""
+        replaces the bwrap argv (a layer build's). With `network`, it has the internet
+        through a filter (see Network), ready on return."""
         began = time.monotonic()
         cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
-        result_r = -1
+        result_r = info_r = -1
         try:
             child_fds = [seccomp_fd(self.seccomp)]
             tail = []
@@ -2305,7 +2356,14 @@ class Sandbox:
                 result_r, result_w = os.pipe()
                 child_fds.append(result_w)
                 tail = [str(result_w)]
-            command = [*self.gate(limits, cgroup), *cgroup.command_prefix(), *(base or self.base_argv),
+            bwrap = base or self.base_argv
+            if network:
+                if self.network_argv is None:
+                    raise SandboxError("networked sandboxes are off (FAAS_NETWORK=off)")
+                info_r, info_w = os.pipe()
+                child_fds.append(info_w)
+                bwrap = [*self.network_argv, "--info-fd", str(info_w)]
+            command = [*self.gate(limits, cgroup, network), *cgroup.command_prefix(), *bwrap,
                        "--seccomp", str(child_fds[0]), "--", *argv, *tail]
             try:
                 proc = subprocess.Popen(
@@ -2315,11 +2373,20 @@ class Sandbox:
                 for fd in child_fds:
                     os.close(fd)
         except BaseException:
-            if result_r >= 0:
-                os.close(result_r)
+            for fd in (result_r, info_r):
+                if fd >= 0:
+                    os.close(fd)
             cgroup.remove()
             raise
-        return Started(proc, cgroup, result_r, limits, began, (time.monotonic() - began) * 1000)
+        started = Started(proc, cgroup, result_r, limits, began, 0)
+        if network:
+            try:
+                started.network = self.network.attach(info_r, cgroup)
+            except BaseException:
+                self.discard(started)
+                raise
+        started.spawn_ms = (time.monotonic() - began) * 1000
+        return started
 
     def complete(self, started: "Started", stdin: bytes, limits: Limits, sink: LineSink | None,
                  since: float | None = None, answer_early: bool = False) -> Outcome:
@@ -2459,6 +2526,8 @@ class Sandbox:
                     pipe.close()
             except OSError:
                 pass   # a request the dead process never read
+        if started.network is not None:
+            self.network.detach(started.network)
         if code is not None and code < 0:
             outcome.signal = -code
         elif code is not None and code > 128:
@@ -2510,8 +2579,9 @@ class Pool:
     that of a cold sandbox: same flags, same limits, nothing shared between calls."""
 
     def __init__(self, sandbox: Sandbox, sizes: dict[tuple[str, ...], int], limits: Limits,
-                 idle_seconds: float) -> None:
+                 idle_seconds: float, network: bool = False) -> None:
         self.sandbox = sandbox
+        self.network = network   # a pool of networked sandboxes (their own filter and slirp each)
         self.sizes = sizes
         self.limits = limits
         self.idle_seconds = idle_seconds
@@ -2587,7 +2657,7 @@ class Pool:
                 self.wake.clear()
                 continue
             try:
-                started = self.sandbox.start(list(argv), self.limits)
+                started = self.sandbox.start(list(argv), self.limits, network=self.network)
             except Exception:   # a failed spawn must not kill the pool; calls fall back to cold
                 LOG.exception("pool: could not start a sandbox")
                 self.closing.wait(1.0)
@@ -2648,6 +2718,598 @@ class Pool:
                 idle.clear()
         for started in everything:
             self.sandbox.discard(started)
+
+
+# ==========================================================================================
+# 5a. Sandbox identity
+# ==========================================================================================
+# Every namespace of a sandbox is owned by the user namespace bwrap creates as the sandbox's
+# host uid, and any other process running as that uid on the host holds full capabilities
+# over it. So the uid belongs to faas alone: a system user of its own, created when missing,
+# and the server refuses to start while a host process that is not a sandbox runs as it.
+
+def create_sandbox_user(name: str) -> None:
+    """A locked system user and group without a home or a login shell."""
+    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+                           "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment",
+                           "faas sandboxes", name], capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 9):   # 9: created meanwhile by another server starting
+        raise ConfigError(f"cannot create the sandbox user {name!r} (FAAS_SANDBOX_USER): "
+                          f"{done.stderr.strip() or 'useradd exited ' + str(done.returncode)}")
+
+
+def sandbox_user_ids(name: str, create: bool) -> tuple[int, int]:
+    """The uid and gid of the sandbox user, created first if missing and `create`."""
+    import pwd
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if not create:
+            raise ConfigError(f"the sandbox user {name!r} (FAAS_SANDBOX_USER) does not exist; "
+                              "`python3 faas.py install` or a server started as root creates it") from None
+        create_sandbox_user(name)
+        entry = pwd.getpwnam(name)
+    if entry.pw_uid in (0, NOBODY):
+        raise ConfigError(f"the sandbox user {name!r} (FAAS_SANDBOX_USER) has uid {entry.pw_uid}, "
+                          "which is not faas's alone")
+    return entry.pw_uid, entry.pw_gid
+
+
+def foreign_processes(uid: int, ours: tuple[str, ...]) -> list[str]:
+    """Processes of this user namespace running as `uid` that are not a sandbox's own start:
+    setpriv and bwrap run as the uid here for a moment (the sandbox itself lives in a user
+    namespace of its own). Any other such process would own every sandbox's namespaces."""
+    own_userns = os.stat("/proc/self/ns/user").st_ino
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = read_text(f"/proc/{name}/status")
+            uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+            if str(uid) not in uids or os.stat(f"/proc/{name}/ns/user").st_ino != own_userns:
+                continue
+            exe = os.readlink(f"/proc/{name}/exe")
+        except (OSError, StopIteration):
+            continue   # gone, or a kernel thread
+        if exe not in ours:
+            found.append(f"pid {name} ({exe})")
+    return found
+
+
+def resolve_sandbox_identity(config: Config, create: bool = True) -> Config:
+    """The config with the sandbox's uid and gid filled in. As root: FAAS_SANDBOX_UID, else
+    the FAAS_SANDBOX_USER system user (created if missing); refused when the uid is in use.
+    Not root: sandboxes run as the server's own uid (there is no other to drop to)."""
+    if os.geteuid() != 0:
+        return dataclasses.replace(config, sandbox_uid=os.geteuid(), sandbox_gid=os.getegid())
+    uid, gid = config.sandbox_uid, config.sandbox_gid
+    if uid is None:
+        uid, user_gid = sandbox_user_ids(config.sandbox_user, create=create)
+        gid = gid or user_gid
+    ours = tuple(str(Path(found).resolve()) for found in (shutil.which("bwrap"), shutil.which("setpriv")) if found)
+    others = foreign_processes(uid, ours)
+    if others:
+        raise ConfigError(f"host uid {uid} (the sandbox user, FAAS_SANDBOX_USER/FAAS_SANDBOX_UID) is used by "
+                          f"other processes: {', '.join(others[:5])}; it must belong to faas alone")
+    return dataclasses.replace(config, sandbox_uid=uid, sandbox_gid=gid)
+
+
+# ==========================================================================================
+# 5b. Secrets
+# ==========================================================================================
+# Per-function values an operator sets (PUT /functions/<path>/secrets) and the function reads
+# as environment variables. Write-only: names are listed, values never leave except into
+# that function's sandboxes, and only through the request on the wrapper's stdin (a pooled
+# sandbox is started without them; /proc/1/environ of a sandbox is bwrap's, which holds none).
+# Stored apart from code and encrypted at rest: SecretBox below.
+
+SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+RESERVED_SECRET_NAMES = {"PATH", "HOME", "LANG", "PWD"}   # what the sandbox sets itself
+SECRETS_MAX = 64
+SECRET_VALUE_MAX = 32 * 1024
+
+
+def check_secrets(body: dict[str, Any]) -> dict[str, str]:
+    """A PUT body: names of environment variables to string values."""
+    if len(body) > SECRETS_MAX:
+        raise ApiError(400, f"at most {SECRETS_MAX} secrets per function")
+    for name, value in body.items():
+        if not SECRET_NAME_RE.fullmatch(name):
+            raise ApiError(400, f"secret name {name[:130]!r} is not an environment variable name: letters, "
+                                "digits and '_', not starting with a digit, at most 128 characters")
+        if name in RESERVED_SECRET_NAMES or name.startswith("LD_"):
+            raise ApiError(400, f"secret name {name!r} is reserved: PATH, HOME, LANG, PWD and LD_* are the "
+                                "sandbox's own")
+        if not isinstance(value, str):
+            raise ApiError(400, f"the value of secret {name!r} must be a string")
+        if "\0" in value or len(value.encode()) > SECRET_VALUE_MAX:
+            raise ApiError(400, f"the value of secret {name!r} must be at most {SECRET_VALUE_MAX} bytes "
+                                "without NUL characters")
+    return body
+
+
+class SecretBox:
+    """Authenticated encryption from the standard library alone (there is no AES in it):
+    encrypt-then-MAC with two keys derived from the master key by HMAC-SHA256.
+    Keystream block i = HMAC-SHA256(enc_key, nonce || i), XORed with the plaintext (a PRF in
+    counter mode); tag = HMAC-SHA256(mac_key, version || path || nonce || ciphertext), checked
+    in constant time before anything is decrypted. The nonce is 16 random bytes per seal.
+    The function's path is authenticated too: a sealed value moved to another function in
+    the store does not open there."""
+    VERSION = b"\x01"
+
+    def __init__(self, master: bytes) -> None:
+        self.enc_key = hmac.new(master, b"faas secrets: encryption", hashlib.sha256).digest()
+        self.mac_key = hmac.new(master, b"faas secrets: authentication", hashlib.sha256).digest()
+
+    def xor_keystream(self, nonce: bytes, data: bytes) -> bytes:
+        stream = b"".join(hmac.new(self.enc_key, nonce + block.to_bytes(8, "big"), hashlib.sha256).digest()
+                          for block in range((len(data) + 31) // 32))[:len(data)]
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+    def tag(self, path: str, nonce: bytes, ciphertext: bytes) -> bytes:
+        label = path.encode()
+        return hmac.new(self.mac_key, self.VERSION + len(label).to_bytes(4, "big") + label + nonce + ciphertext,
+                        hashlib.sha256).digest()
+
+    def seal(self, path: str, plaintext: bytes) -> str:
+        nonce = os.urandom(16)
+        ciphertext = self.xor_keystream(nonce, plaintext)
+        return base64.b64encode(self.VERSION + nonce + self.tag(path, nonce, ciphertext) + ciphertext).decode()
+
+    def open(self, path: str, sealed: str) -> bytes | None:
+        """The plaintext, or None if the value was not sealed for this path with this key."""
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except ValueError:
+            return None
+        version, nonce, tag, ciphertext = raw[:1], raw[1:17], raw[17:49], raw[49:]
+        if version != self.VERSION or len(tag) != 32 or not hmac.compare_digest(tag, self.tag(path, nonce, ciphertext)):
+            return None
+        return self.xor_keystream(nonce, ciphertext)
+
+
+def secret_master_key(config: Config) -> bytes:
+    """FAAS_SECRET_KEY, else 32 random bytes in <data dir>/secret.key, created 0600 on first use."""
+    if config.secret_key:
+        return config.secret_key.encode()
+    path = config.data_dir / "secret.key"
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            LOG.warning("%s is readable by other users: chmod 600 it", path)
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            key = b""
+        if len(key) < 16:
+            raise ConfigError(f"{path} does not hold a key (64 hex digits)") from None
+        return key
+    with os.fdopen(fd, "w") as file:
+        file.write(os.urandom(32).hex() + "\n")
+    LOG.info("created the secrets key %s (back it up with the store, or set FAAS_SECRET_KEY)", path)
+    return bytes.fromhex(path.read_text().strip())
+
+
+class SQLiteSecrets:
+    """A table of its own beside the versions: names in clear, the values sealed."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        with store.connection() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS secrets (path TEXT PRIMARY KEY, names TEXT NOT NULL, "
+                       "sealed TEXT NOT NULL, updated REAL NOT NULL)")
+
+    def put(self, path: str, names: list[str], sealed: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO secrets VALUES (?,?,?,?)", (path, json.dumps(names), sealed, time.time()))
+
+    def get(self, path: str) -> tuple[list[str], str] | None:
+        rows = self.store.rows("SELECT names, sealed FROM secrets WHERE path=?", (path,))
+        return (json.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    def delete(self, path: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM secrets WHERE path=?", (path,))
+
+
+class RedisSecrets:
+    """One hash per function, `<prefix>secrets:<path>` (names, sealed), apart from its code."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.redis = store.redis
+        self.prefix = store.prefix
+
+    def key(self, path: str) -> str:
+        return f"{self.prefix}secrets:{path}"
+
+    def put(self, path: str, names: list[str], sealed: str) -> None:
+        self.redis.hset(self.key(path), mapping={"names": json.dumps(names), "sealed": sealed,
+                                                 "updated": repr(time.time())})
+
+    def get(self, path: str) -> tuple[list[str], str] | None:
+        names, sealed = self.redis.hmget(self.key(path), "names", "sealed")
+        return (json.loads(names), sealed.decode()) if names is not None and sealed is not None else None
+
+    def delete(self, path: str) -> None:
+        self.redis.delete(self.key(path))
+
+
+class Secrets:
+    """The secrets of every function: set, listed by name, handed to its calls."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.stored = RedisSecrets(store) if isinstance(store, RedisStore) else SQLiteSecrets(store)
+        self.lock = threading.Lock()
+        self.sealer: SecretBox | None = None
+
+    def box(self) -> SecretBox:
+        with self.lock:
+            if self.sealer is None:
+                try:
+                    self.sealer = SecretBox(secret_master_key(self.config))
+                except (ConfigError, OSError) as error:
+                    LOG.error("secrets key: %s", error)
+                    raise ApiError(500, "the server's secrets key cannot be read (see its log; "
+                                        "FAAS_SECRET_KEY or secret.key in the data directory)") from None
+            return self.sealer
+
+    def replace(self, path: str, values: dict[str, str]) -> list[str]:
+        """The function's secrets become exactly `values` ({} removes them all)."""
+        if not values:
+            self.stored.delete(path)
+            return []
+        names = sorted(values)
+        self.stored.put(path, names, self.box().seal(path, json.dumps(values).encode()))
+        return names
+
+    def names(self, path: str) -> list[str]:
+        found = self.stored.get(path)
+        return found[0] if found else []
+
+    def env(self, path: str) -> dict[str, str]:
+        """The values for one call of the function at `path`."""
+        found = self.stored.get(path)
+        if found is None:
+            return {}
+        plaintext = self.box().open(path, found[1])
+        if plaintext is None:
+            raise ApiError(500, f"the secrets of '{path}' cannot be decrypted with this server's key: "
+                                "set them again, or give every server the same FAAS_SECRET_KEY")
+        return json.loads(plaintext)
+
+    def delete(self, path: str) -> None:
+        self.stored.delete(path)
+
+
+# ==========================================================================================
+# 5c. Network
+# ==========================================================================================
+# Opt-in internet for a function (research/network.md): the gate, still root, makes the
+# sandbox a network namespace of its own (`unshare --net`, owned by the init user namespace
+# so only host root may change it) and loads an nftables egress filter into it before
+# anything else runs there; bwrap keeps that namespace (--share-net) and reports its child
+# on --info-fd; faas then attaches slirp4netns (a user-mode TCP/IP stack: no host bridge,
+# NAT or forwarding) and sends the request only once slirp is ready. The filter refuses the
+# host itself (loopback by any address, slirp's gateway alias, every host address), its
+# on-link networks, private, shared, link-local and multicast ranges, and FAAS_NETWORK_DENY;
+# a broken filter stops the gate before bwrap, so a call fails closed. IPv4 only: slirp
+# offers no IPv6 route (and the filter refuses private IPv6 ranges besides).
+
+NETWORK_MODES = ("none", "internet")
+SLIRP_DNS = "10.0.2.3"      # slirp's forwarder to the host's resolver
+BLOCKED4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+            "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3")
+BLOCKED6 = ("::/127", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7",
+            "fe80::/10", "fec0::/10", "ff00::/8")
+SANDBOX_ETC = {
+    "resolv.conf": f"nameserver {SLIRP_DNS}\n",
+    "hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1 sandbox\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+
+
+def check_network(value: Any) -> str:
+    if value is None:
+        return "none"
+    if value not in NETWORK_MODES:
+        raise ApiError(400, f"network must be one of {', '.join(repr(mode) for mode in NETWORK_MODES)}")
+    return value
+
+
+def parse_networks(name: str, text: str) -> tuple[str, ...]:
+    """FAAS_NETWORK_DENY: comma-separated addresses or CIDR ranges, IPv4 or IPv6."""
+    found = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an address or a CIDR range") from None
+    return tuple(found)
+
+
+def host_networks() -> tuple[list[str], list[str]]:
+    """This host's own IPv4 addresses and on-link IPv4 networks, and its IPv6 addresses, as
+    the kernel reports them for the server's network namespace (/proc, ~0.2 ms)."""
+    v4: list[str] = []
+    last = ""
+    for line in read_text("/proc/net/fib_trie").splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text[3:].split()[0]
+        elif text.startswith("/32 host LOCAL") and last:
+            v4.append(last)
+    for row in read_text("/proc/net/route").splitlines()[1:]:
+        fields = row.split()
+        if len(fields) >= 8 and fields[0] != "lo" and int(fields[2], 16) == 0 and int(fields[7], 16) != 0:
+            network = socket.inet_ntoa(struct.pack("<I", int(fields[1], 16)))
+            mask = socket.inet_ntoa(struct.pack("<I", int(fields[7], 16)))
+            v4.append(str(ipaddress.ip_network(f"{network}/{mask}", strict=False)))
+    v6 = [str(ipaddress.IPv6Address(bytes.fromhex(row.split()[0])))
+          for row in read_text("/proc/net/if_inet6").splitlines() if row.strip()]
+    return sorted(set(v4)), sorted(set(v6))
+
+
+def nft_ruleset(blocked4: list[str], blocked6: list[str], max_connections: int, rate: int | None) -> str:
+    """The egress filter of one networked sandbox's network namespace. Refusals are
+    rejects, not drops: a blocked connect fails at once (EHOSTUNREACH) instead of hanging."""
+    limit = (f"    limit rate over {rate} bytes/second burst {max(rate // 4, 65536)} bytes drop\n"
+             if rate else "")
+    return (
+        "table inet faas {\n"
+        f"  set blocked4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {', '.join(blocked4)} }} }}\n"
+        f"  set blocked6 {{ type ipv6_addr; flags interval; auto-merge; elements = {{ {', '.join(blocked6)} }} }}\n"
+        "  chain out {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        '    oifname "lo" accept\n'
+        f"    meta l4proto {{ tcp, udp }} ip daddr {SLIRP_DNS} th dport 53 accept\n"
+        "    ip daddr @blocked4 reject with icmpx type admin-prohibited\n"
+        "    ip6 daddr @blocked6 reject with icmpx type admin-prohibited\n"
+        f"    meta l4proto tcp ct state new ct count over {max_connections} reject with tcp reset\n"
+        f"{limit}"
+        "  }\n"
+        + (f"  chain in {{\n    type filter hook input priority 0; policy accept;\n"
+           f'    iifname "lo" accept\n{limit}  }}\n' if rate else "")
+        + "}\n")
+
+
+@dataclasses.dataclass
+class NetworkHelper:
+    """The slirp4netns of one networked sandbox: it exits when exit_w closes (also when the
+    server dies), and is killed and reaped by `Network.detach` at the end of the call."""
+    slirp: subprocess.Popen
+    exit_w: int
+
+
+class Network:
+    """Everything networked sandboxes need: the tools, the filter file, the /etc files."""
+    READY_TIMEOUT = 10.0
+
+    def __init__(self, config: Config, runtime_dir: Path) -> None:
+        self.config = config
+        self.enabled = config.network == "allow"
+        self.directory = runtime_dir / "net"
+        self.rules_file = self.directory / "net.nft"
+        self.rules = ""
+        self.changed_at = 0.0   # monotonic time of the last change of the rules
+        self.lock = threading.Lock()
+        self.current = Every(2.0, self.refresh)
+        if self.enabled:
+            self.tools = self.find_tools()
+            self.directory.mkdir(mode=0o755, exist_ok=True)
+            for name, text in SANDBOX_ETC.items():
+                (self.directory / name).write_text(text)
+                os.chmod(self.directory / name, 0o644)
+            self.refresh()
+            self.self_test()
+
+    @staticmethod
+    def find_tools() -> dict[str, str]:
+        if os.geteuid() != 0:
+            raise ConfigError("FAAS_NETWORK=allow needs the server to run as root: it makes each networked "
+                              "sandbox's network namespace and loads its filter")
+        tools = {name: shutil.which(name) for name in ("unshare", "nft", "slirp4netns")}
+        missing = [name for name, found in tools.items() if not found]
+        if missing or not Path("/dev/net/tun").exists():
+            raise ConfigError(f"FAAS_NETWORK=allow needs {', '.join(missing) or '/dev/net/tun'}: "
+                              "apt-get install -y slirp4netns nftables util-linux (or run `faas.py check`)")
+        return {name: str(found) for name, found in tools.items()}
+
+    def ruleset(self) -> str:
+        own4, own6 = host_networks()
+        deny = self.config.network_deny
+        blocked4 = [*BLOCKED4, *own4, *(n for n in deny if ":" not in n)]
+        blocked6 = [*BLOCKED6, *own6, *(n for n in deny if ":" in n)]
+        return nft_ruleset(blocked4, blocked6, self.config.network_max_connections, self.config.network_rate)
+
+    def refresh(self) -> str:
+        """Rewrite the filter file when the host's addresses changed (checked every 2 s)."""
+        rules = self.ruleset()
+        with self.lock:
+            if rules != self.rules:
+                staged = self.rules_file.with_suffix(".new")
+                staged.write_text(rules)
+                staged.replace(self.rules_file)
+                self.rules = rules
+                self.changed_at = time.monotonic()
+        return rules
+
+    def current_for(self, started: "Started") -> bool:
+        """Whether a pre-started sandbox's filter was loaded from the current rules (a host
+        address that changed since must be blocked too)."""
+        self.current()
+        return started.born >= self.changed_at
+
+    def self_test(self) -> None:
+        """Load the filter once into a throw-away namespace: a server that could not filter
+        does not start (instead of failing every networked call)."""
+        done = subprocess.run([self.tools["unshare"], "--net", "--", self.tools["nft"], "-f", str(self.rules_file)],
+                              capture_output=True, text=True, check=False, timeout=30)
+        if done.returncode != 0:
+            raise ConfigError(f"FAAS_NETWORK=allow: the network filter does not load: {done.stderr.strip()[-400:]}")
+
+    def gate_prefix(self) -> list[str]:
+        self.current()
+        return [self.tools["unshare"], "--net", "--"]
+
+    def gate_step(self) -> str:
+        return f"{shlex.quote(self.tools['nft'])} -f {shlex.quote(str(self.rules_file))}"
+
+    def sandbox_argv(self, base_argv: list[str]) -> list[str]:
+        """bwrap's argv for a networked sandbox: the gate's namespace kept, a resolver, hosts
+        and CA certificates; added before the root is made read-only."""
+        at = next(i for i in range(len(base_argv) - 1) if base_argv[i:i + 2] == ["--remount-ro", "/"])
+        etc = [arg for name in SANDBOX_ETC for arg in ("--ro-bind", str(self.directory / name), f"/etc/{name}")]
+        return [*base_argv[:at], "--share-net", *etc, "--ro-bind-try", "/etc/ssl/certs", "/etc/ssl/certs",
+                *base_argv[at:]]
+
+    def attach(self, info_r: int, cgroup: RunCgroup) -> NetworkHelper:
+        """Read the sandbox's pid from bwrap's info fd, then start slirp4netns into its network
+        namespace (in the run's cgroups) and wait until it is ready. SandboxError if not."""
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        info = read_until_eof(info_r, deadline)
+        try:
+            child = json.loads(info)["child-pid"]
+            netns = os.open(f"/proc/{child}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except (ValueError, KeyError, TypeError, OSError):
+            raise SandboxError("a networked sandbox did not start (its network filter could not be loaded)") from None
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        try:
+            if os.fstat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                raise SandboxError("a networked sandbox shares the server's network namespace")
+            join = [f"echo 0 > {shlex.quote(path)}" for path in cgroup.join_files()]
+            # slirp4netns --enable-sandbox makes only "/" private before it pivots and detaches
+            # the old root: from the server's own mount namespace that unmount would propagate
+            # and take mounts below the host's shared mounts with it (measured: /run/netns/*).
+            # So it starts in a mount namespace of its own, every mount private.
+            slirp = subprocess.Popen(
+                ["/bin/sh", "-c", " && ".join([*join, 'exec "$@"']), "faas-slirp",
+                 self.tools["unshare"], "--mount", "--propagation", "private", "--", self.tools["slirp4netns"],
+                 "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp",
+                 f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=[netns, ready_w, exit_r], env=SANDBOX_HOST_ENV, cwd="/")
+        except BaseException:
+            os.close(exit_w)
+            raise
+        finally:
+            for fd in (netns, ready_w, exit_r):
+                os.close(fd)
+        helper = NetworkHelper(slirp, exit_w)
+        ready = read_until_eof(ready_r, deadline, stop_at=1)
+        if ready != b"1":
+            self.detach(helper)
+            error = slirp.stderr.read().decode("utf-8", "replace").strip()[-300:] if slirp.stderr else ""
+            raise SandboxError(f"slirp4netns did not connect a networked sandbox: {error or 'not ready in time'}")
+        return helper
+
+    @staticmethod
+    def detach(helper: NetworkHelper) -> None:
+        if helper.exit_w >= 0:
+            os.close(helper.exit_w)
+            helper.exit_w = -1
+        helper.slirp.kill()
+        reap(helper.slirp, 5.0)
+        if helper.slirp.stderr:
+            helper.slirp.stderr.close()
+
+
+# -- faas.py check ---------------------------------------------------------------------------
+SELF_TEST_PY = """import errno, socket
+out = {}
+for host, port in event:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        out[host] = "OPEN"
+    except socket.timeout:
+        out[host] = "TIMEOUT"
+    except OSError as e:
+        out[host] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+return out"""
+
+
+def network_dependencies(config: Config) -> list[Any]:
+    """What networked calls need: required with FAAS_NETWORK=allow, else optional."""
+    required = config.network == "allow"
+    found = []
+    for name, package, version_flag in (("slirp4netns", "slirp4netns", "--version"), ("nft", "nftables", "--version"),
+                                        ("unshare", "util-linux", "--version")):
+        path = shutil.which(name)
+        found.append(Dependency(name, bool(path), f"{path} ({version_of([path, version_flag])})" if path
+                                else "networked calls (FAAS_NETWORK=allow)", f"apt-get install -y {package}",
+                                package, required=required))
+    found.append(Dependency("/dev/net/tun", Path("/dev/net/tun").exists(), "slirp4netns's tap device",
+                            "modprobe tun", None, required=required))
+    found.append(Dependency("root", os.geteuid() == 0, "networked sandboxes are set up as root",
+                            "run the server as root (faas.service does)", None, required=required))
+    return found
+
+
+def network_self_test(config: Config, port: int) -> tuple[bool, str]:
+    """Load the filter into a throw-away namespace, then start one networked sandbox and try
+    the faas port through slirp's gateway alias and through this host's own address: both
+    must fail. Every packet stays on this machine (never a LAN or metadata address)."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="faas-check-"))
+    try:
+        config = dataclasses.replace(resolve_sandbox_identity(config, create=False), network="allow")
+        sandbox = Sandbox(config, RlimitBackend(), runtime_dir)   # Network() loads the filter once
+        listed = subprocess.run([*sandbox.network.gate_prefix(), "/bin/sh", "-c", f"{sandbox.network.gate_step()} && "
+                                 f"{shlex.quote(sandbox.network.tools['nft'])} list table inet faas"],
+                                capture_output=True, text=True, check=False)
+        if listed.returncode != 0 or "blocked4" not in listed.stdout:
+            return False, f"the filter did not list in a fresh namespace: {listed.stderr.strip()[-300:]}"
+        own4 = [a for a in host_networks()[0] if "/" not in a and not a.startswith("127.")]
+        targets = [["10.0.2.2", port], *([[own4[0], port]] if own4 else [])]
+        request = json.dumps({"code": SELF_TEST_PY, "event": targets, "language": "python"}).encode()
+        limits = dataclasses.replace(Limits.from_config(config), timeout=20)
+        started = sandbox.start(list(RUNTIMES["python"].argv), limits, network=True)
+        outcome = sandbox.complete(started, request, limits, None)
+        result = (outcome.result or {}).get("value")
+        if not isinstance(result, dict) or any(v == "OPEN" for v in result.values()):
+            return False, f"a networked sandbox reached this host: {result or describe_failure(outcome, limits)}"
+        return True, ", ".join(f"{host}:{port} {result[host]}" for host, port in targets)
+    except (ConfigError, SandboxError, OSError) as error:
+        return False, str(error)
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def describe_network(config: Config) -> str:
+    if config.network != "allow":
+        return "off (FAAS_NETWORK=off: functions have no network)"
+    own4, own6 = host_networks()
+    resolvers = re.findall(r"^\s*nameserver\s+(\S+)", read_text("/etc/resolv.conf"), re.MULTILINE)
+    return (f"allow: blocks {len(BLOCKED4) + len(BLOCKED6)} ranges + {len(own4) + len(own6)} host addresses/networks"
+            f" + {len(config.network_deny)} FAAS_NETWORK_DENY; at most {config.network_max_connections} connections"
+            f" per call; DNS via {', '.join(resolvers) or 'none'} (the host's resolver)")
+
+
+def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
+    """What a pipe delivers until its writers close it (or `stop_at` bytes, or the deadline);
+    closes fd."""
+    data = b""
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while not stop_at or len(data) < stop_at:
+                if not selector.select(max(0.0, deadline - time.monotonic())):
+                    break
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(fd)
+    return data
 
 
 # ==========================================================================================
@@ -2843,12 +3505,13 @@ class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
     def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics,
-                 layers: Layers) -> None:
+                 layers: Layers, network_pool: Pool | None = None) -> None:
         self.config = config
         self.store = store
         self.layers = layers
         self.sandbox = sandbox
         self.pool = pool
+        self.network_pool = network_pool
         self.metrics = metrics
         self.versions = SizedCache(32 << 20)
         self.limits = Limits.from_config(config)
@@ -2913,21 +3576,24 @@ class Invoker:
 
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
                sink: LineSink | None, on_start: Callable[[], None] | None = None,
-               deps: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], Callable[[], None]]:
+               deps: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+               network: str = "none") -> tuple[int, dict[str, Any], Callable[[], None]]:
         """Run one call: (HTTP status, answer, what to do once the answer is sent). `on_start`
         runs once a slot is taken, so a stream only begins when the call will really run
         (an overloaded server answers 429 as JSON). `deps`: the version's libraries, whose
-        layer exists on this node (Layers.ensure) and is held until the sandbox is gone."""
+        layer exists on this node (Layers.ensure) and is held until the sandbox is gone.
+        `env`: the function's secrets."""
         request = json.dumps({"code": code, "event": event, "language": runtime.language,
-                              **layer_request(deps)}).encode()
+                              **layer_request(deps), **({"env": env} if env else {})}).encode()
+        networked = network == "internet"
+        warm = self.layers.warm_argv(runtime, deps, code) if deps and not networked else None
         holding = self.layers.using(deps["key"]) if deps else contextlib.nullcontext()
         holding.__enter__()
         try:
             with self.slots:
                 if on_start is not None:
                     on_start()
-                outcome = self.run_sandboxed(runtime.argv, request, limits, sink,
-                                             self.layers.warm_argv(runtime, deps, code) if deps else None)
+                outcome = self.run_sandboxed(runtime.argv, request, limits, sink, warm, networked)
         except BaseException:
             holding.__exit__(None, None, None)
             raise
@@ -2946,16 +3612,23 @@ class Invoker:
             """End the sandbox, then start its replacement: neither slows the answer."""
             outcome.cleanup()
             holding.__exit__(None, None, None)
-            self.pool.refill()
+            (self.network_pool if networked and self.network_pool else self.pool).refill()
         return status, answer, after_answer
 
-    def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits,
-                      sink: LineSink | None, warm: tuple[str, ...] | None = None) -> Outcome:
-        """A pre-started sandbox when the pool has one (one that already imported the
-        version's libraries first), else a cold one: never a wait."""
-        started = (self.pool.take(warm, limits) if warm else None) or self.pool.take(argv, limits)
+    def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits, sink: LineSink | None,
+                      warm: tuple[str, ...] | None = None, networked: bool = False) -> Outcome:
+        """A pre-started sandbox when the pool has one (for libraries, one that already
+        imported the version's libraries first), else a cold one: never a wait. A networked
+        call takes one of the networked pool, whose filter must be current."""
+        if networked:
+            started = self.network_pool.take(argv, limits) if self.network_pool is not None else None
+            if started is not None and not self.sandbox.network.current_for(started):
+                self.sandbox.discard(started)
+                started = None
+        else:
+            started = (self.pool.take(warm, limits) if warm else None) or self.pool.take(argv, limits)
         if started is None:
-            started = self.sandbox.start([*argv, "--cold"], limits)
+            started = self.sandbox.start([*argv, "--cold"], limits, network=networked)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
         return self.sandbox.complete(started, request, limits, sink, answer_early=True)
 
@@ -3058,6 +3731,11 @@ def format_labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + ",".join(escaped) + "}"
 
 
+# /functions/<path>/secrets is the secrets of <path>: no function path ends in /secrets.
+SECRETS_ROUTE = re.compile(r"/functions/(?P<path>.+)/secrets")
+FUNCTION_ROUTE = re.compile(r"/functions/(?P<path>(?!.+/secrets$).+)")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to small handler methods; every error leaves as JSON."""
     protocol_version = "HTTP/1.1"
@@ -3076,9 +3754,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("POST", re.compile(r"/run-now"), "post_run_now", "admin"),
         ("POST", re.compile(r"/run/(?P<path>.+)"), "post_run", "invoke"),
         ("GET", re.compile(r"/functions"), "get_functions", "admin"),
-        ("GET", re.compile(r"/functions/(?P<path>.+)"), "get_function", "admin"),
-        ("PATCH", re.compile(r"/functions/(?P<path>.+)"), "patch_function", "admin"),
-        ("DELETE", re.compile(r"/functions/(?P<path>.+)"), "delete_function", "admin"),
+        ("GET", FUNCTION_ROUTE, "get_function", "admin"),
+        ("PATCH", FUNCTION_ROUTE, "patch_function", "admin"),
+        ("DELETE", FUNCTION_ROUTE, "delete_function", "admin"),
+        ("GET", SECRETS_ROUTE, "get_secrets", "admin"),
+        ("PUT", SECRETS_ROUTE, "put_secrets", "admin"),
+        ("DELETE", SECRETS_ROUTE, "delete_secrets", "admin"),
         ("GET", re.compile(r"/(?:console/?)?"), "get_console_page", "public"),
         ("GET", re.compile(r"/console/(?P<name>[A-Za-z0-9_-]+\.[a-z]+)"), "get_console_file", "public"),
     ]
@@ -3309,7 +3990,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         function = self.app.store.describe(path)
         if function is None:
             raise ApiError(404, f"no function at path '{path}'")
-        answer = {**function, "versions": self.app.store.list_versions(path)}
+        versions = self.app.store.list_versions(path)
+        network = next((v["network"] for v in versions if v["version"] == function["latest"]), "none")
+        answer = {**function, "network": network, "versions": versions, "secrets": self.app.secrets.names(path)}
         if version_number is not None:
             version = self.app.invoker.resolve(path, version_number)
             answer.update(version=version.version, code=version.code)
@@ -3338,21 +4021,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, f"no function at path '{path}'")
         remaining = self.app.store.describe(path)
         self.app.layers.collect_soon()   # their layers may now be unreferenced
+        if remaining is None:
+            self.app.secrets.delete(path)   # a new function at this path starts without them
         LOG.info("deleted request_id=%s path=%s version=%s count=%d", self.request_id, path,
                  version_number or "all", deleted)
         self.send_json(200, {"path": path, "deleted": deleted, "latest": remaining and remaining["latest"]})
 
+    def put_secrets(self, path: str, values: dict[str, str] | None = None) -> None:
+        """Replace the function's secrets (write-only: the answer names them, never a value)."""
+        check_path(path)
+        values = check_secrets(self.read_json()) if values is None else values
+        if self.app.store.find(path) is None:
+            raise ApiError(404, f"no function at path '{path}'")
+        names = self.app.secrets.replace(path, values)
+        LOG.info("secrets request_id=%s path=%s names=%s", self.request_id, path, ",".join(names) or "-")
+        self.send_json(200, {"path": path, "secrets": names})
+
+    def get_secrets(self, path: str) -> None:
+        check_path(path)
+        if self.app.store.find(path) is None:
+            raise ApiError(404, f"no function at path '{path}'")
+        self.send_json(200, {"path": path, "secrets": self.app.secrets.names(path)})
+
+    def delete_secrets(self, path: str) -> None:
+        self.put_secrets(path, {})
+
     def post_upload(self) -> None:
         body = self.read_json()
         path = check_path(body.get("path"))
+        if SECRETS_ROUTE.fullmatch(f"/functions/{path}"):
+            raise ApiError(400, "a path may not end in '/secrets': /functions/<path>/secrets holds a function's secrets")
         runtime = check_language(body.get("language"))
         code = check_code(body.get("code"))
         limits = requested_limits(body)
         self.app.invoker.limits.lowered(limits)   # validates; stored as asked, capped at run time
         requested = check_dependencies(body, runtime, self.app.config.deps)
+        network = self.allowed_network(body)
         compiled = self.app.invoker.prepare(runtime, code)
         deps, layer = self.app.layers.lock_and_build(requested) if requested else (None, None)
-        version = self.app.store.put(path, runtime.language, code, compiled, limits, deps)
+        version = self.app.store.put(path, runtime.language, code, compiled, limits, deps, network)
         self.app.metrics.inc("faas_uploads_total", language=runtime.language)
         LOG.info("request_id=%s uploaded path=%s version=%d language=%s", self.request_id, path,
                  version.version, runtime.language)
@@ -3370,13 +4077,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
+        if version.network == "internet" and self.app.config.network != "allow":
+            raise ApiError(403, f"version {version.version} of '{path}' uses the internet, but network access is "
+                                "disabled on this server (FAAS_NETWORK=off); the operator must set "
+                                "FAAS_NETWORK=allow, or upload a version without network", reason="network_disabled")
         extra: dict[str, Any] = {"version": version.version}
         if version.deps:   # built here first if this node lacks it: not charged to the timeout
             layer = self.app.layers.ensure(version.deps)
             if not layer.cached:
                 extra["deps_build_ms"] = layer.build_ms
         self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream, extra,
-                 version.deps)
+                 version.deps, env=self.app.secrets.env(path), network=version.network)
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -3386,6 +4097,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         limits = self.app.invoker.limits.lowered(requested_limits(body))
         requested = check_dependencies(body, runtime, self.app.config.deps)
+        network = self.allowed_network(body)
         if runtime.transpile:
             code = self.app.invoker.transpile(code)
         deps, extra = None, {}
@@ -3394,13 +4106,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             extra = {"dependencies": {**deps_summary(deps), "cached": layer.cached, "size": layer.size}}
             if not layer.cached:
                 extra["deps_build_ms"] = layer.build_ms
-        self.run("run-now", runtime, code, event, limits, stream, extra, deps)
+        self.run("run-now", runtime, code, event, limits, stream, extra, deps, network=network)
+
+    def allowed_network(self, body: dict[str, Any]) -> str:
+        network = check_network(body.get("network"))
+        if network == "internet" and self.app.config.network != "allow":
+            raise ApiError(400, "network access is disabled on this server (FAAS_NETWORK=off): functions may not "
+                                "use the internet; the operator can allow it with FAAS_NETWORK=allow",
+                           reason="network_disabled")
+        return network
 
     def run(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits, stream: bool,
-            extra: dict[str, Any], deps: dict[str, Any] | None = None) -> None:
+            extra: dict[str, Any], deps: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+            network: str = "none") -> None:
         if not stream:
             status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None,
-                                                                   deps=deps)
+                                                                   deps=deps, env=env, network=network)
             try:
                 self.send_json(status, {**answer, **extra})
                 self.wfile.flush()
@@ -3413,7 +4134,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_event({"event": "log", "data": data, "type": kind, "stream": stream_name})
 
         status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits,
-                                                               log_line, on_start=self.start_sse, deps=deps)
+                                                               log_line, on_start=self.start_sse, deps=deps,
+                                                               env=env, network=network)
         try:
             answer = {**answer, **extra}
             for field in ("stdout", "stderr"):   # already streamed line by line
@@ -3507,7 +4229,7 @@ class App:
     """Everything one server process holds: config, store, sandbox, invoker, metrics."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        self.config = config = resolve_sandbox_identity(config)
         self.metrics = Metrics()
         self.store = open_store(config)
         runtime_base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
@@ -3521,7 +4243,11 @@ class App:
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
         self.layers.pool = self.pool
-        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers)
+        network_sizes = {argv: config.network_pool_size for argv in pool_sizes} if self.sandbox.network.enabled else {}
+        self.network_pool = Pool(self.sandbox, network_sizes, Limits.from_config(config), config.pool_idle, network=True)
+        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers,
+                               self.network_pool)
+        self.secrets = Secrets(config, self.store)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.console = Console(CONSOLE_DIR if config.console else None)
@@ -3541,12 +4267,14 @@ class App:
             "status": "ok" if store_ok else "degraded",
             "store": self.store.kind, "store_ok": store_ok,
             "sandbox": "bwrap", "seccomp": True, "limits": self.limit_backend.name,
+            "sandbox_uid": self.config.sandbox_uid, "network": self.config.network,
             "runtimes": {name: {"interpreter": rt.interpreter,
                                 "available": os.access(rt.interpreter, os.X_OK)
                                 and (not rt.transpile or self.sandbox.has_esbuild)}
                          for name, rt in RUNTIMES.items()},
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
             "max_runs": self.config.max_runs, "pool": self.pool.describe(), "libraries": self.layers.describe(),
+            "network_pool": self.network_pool.describe(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -3618,6 +4346,7 @@ class App:
     def close(self) -> None:
         self.pool.close()
         self.layers.close()
+        self.network_pool.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -3712,7 +4441,7 @@ def find_dependencies(config: Config) -> list[Dependency]:
         f"cd {HERE} && npm ci --ignore-scripts   (needs npm: apt-get install -y npm)", None, required=False))
     if config.redis_url:
         deps.append(redis_dependency(config))
-    return deps + library_dependencies(config)
+    return deps + library_dependencies(config) + network_dependencies(config)
 
 
 def library_dependencies(config: Config) -> list[Dependency]:
@@ -3767,7 +4496,13 @@ def run_check(config: Config, install: bool) -> int:
         if not dep.present:
             print(f"{'':<20} {'fix:':<16} {dep.fix}")
     print(f"{'info':<20} {'limits':<16} {describe_limits(config)}")
-    return 1 if any(dep.required for dep in missing) else 0
+    print(f"{'info':<20} {'network':<16} {describe_network(config)}")
+    failed = False
+    if not any(dep.name in ("slirp4netns", "nft", "unshare", "/dev/net/tun", "root") for dep in missing):
+        passed, detail = network_self_test(config, config.port)
+        failed = not passed and config.network == "allow"
+        print(f"{'ok' if passed else 'FAILED':<20} {'network test':<16} {detail}")
+    return 1 if failed or any(dep.required for dep in missing) else 0
 
 
 def install_missing(missing: list[Dependency]) -> None:
@@ -3828,6 +4563,13 @@ def install(prefix: Path) -> int:
         subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=prefix, check=False)
     else:
         print("TypeScript needs esbuild: apt-get install -y npm, then run this again")
+    user = os.environ.get("FAAS_SANDBOX_USER", "").strip() or "faas-sandbox"
+    try:
+        uid, _ = sandbox_user_ids(user, create=True)
+        print(f"sandbox user {user}: uid {uid} (every call runs as it; FAAS_SANDBOX_USER)")
+    except ConfigError as error:
+        print(f"faas install: {error}", file=sys.stderr)
+        return 1
     for name in UNIT_FILES:
         text = (HERE / name).read_text().replace("/opt/faas", str(prefix))
         (SYSTEMD_DIR / name).write_text(text)
@@ -3862,6 +4604,9 @@ def uninstall(prefix: Path, purge: bool) -> int:
         for path in (Path("/var/lib/faas"), ENV_FILE.parent):
             shutil.rmtree(path, ignore_errors=True)
             print(f"removed {path}")
+        user = os.environ.get("FAAS_SANDBOX_USER", "").strip() or "faas-sandbox"
+        if subprocess.run(["userdel", user], capture_output=True, check=False).returncode == 0:
+            print(f"removed the sandbox user {user}")
     else:
         print("kept the stored functions in /var/lib/faas and settings in /etc/faas (--purge removes them)")
     return 0

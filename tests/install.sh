@@ -40,6 +40,13 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_pkgs+=(qemu-system-x86)
 # tests/test_console.py: a real headless browser (driven by pip's playwright, pinned in
 # requirements-dev.txt, through its executable path: `playwright install` is not used)
 command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
+# networked functions (tests/test_network.py): slirp4netns, nftables, iproute2 (ip netns, for
+# the test lab), util-linux (unshare, nsenter)
+command -v slirp4netns >/dev/null 2>&1 || apt_pkgs+=(slirp4netns)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || apt_pkgs+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || apt_pkgs+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || apt_pkgs+=(util-linux)
+command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)   # the lab's test CA (HTTPS test)
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${apt_pkgs[*]} and no apt-get to install them"

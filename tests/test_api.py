@@ -669,7 +669,9 @@ def test_openapi_document_is_valid_and_served(sqlite_server):
     expected = {("/upload", "post"), ("/run/{path}", "post"), ("/run-now", "post"), ("/healthz", "get"),
                 ("/functions", "get"), ("/functions/{path}", "get"), ("/functions/{path}", "patch"),
                 ("/functions/{path}", "delete"), ("/metrics", "get"), ("/openapi.json", "get"),
-                ("/", "get"), ("/console", "get"), ("/console/{name}", "get")}
+                ("/", "get"), ("/console", "get"), ("/console/{name}", "get"),
+                ("/functions/{path}/secrets", "put"), ("/functions/{path}/secrets", "get"),
+                ("/functions/{path}/secrets", "delete")}
     got = {(p, m) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     assert got == expected
 

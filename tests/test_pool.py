@@ -137,7 +137,9 @@ def test_pool_size_per_interpreter_and_zero_turns_it_off(faas):
         assert pool(s)["python"]["size"] == 3 and pool(s)["node"]["size"] == 0
         assert run(s, "javascript", "return 'cold'")["data"] == "cold"
         assert pool(s)["node"]["hits"] == 0 and pool(s)["node"]["started"] == 0
-        assert not any("node" in info["cmdline"] for info in descendants(s.proc.pid).values())
+        # the cold call's sandbox ends after its answer was sent (answer_early): wait for it
+        assert wait_until(lambda: not any("node" in info["cmdline"] for info in descendants(s.proc.pid).values()),
+                          timeout=5), descendants(s.proc.pid)
     finally:
         s.stop()
     off = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
@@ -181,6 +183,7 @@ def test_the_pool_stays_empty_rather_than_fail_when_memory_is_short(faas):
         assert idle_counts(s) == {"python": 0, "node": 0}
         state = pool(s)
         assert state["python"]["started"] == 0 and state["python"]["misses"] == 1, state
-        assert not descendants(s.proc.pid)
+        # the last call's sandbox ends after its answer was sent (answer_early): wait for it
+        assert wait_until(lambda: not descendants(s.proc.pid), timeout=5), descendants(s.proc.pid)
     finally:
         s.stop()

@@ -5,8 +5,9 @@
  *     /usr/bin/node node.js [--check] [--cold] [RESULT_FD]
  *
  * Protocol (see DESIGN.md, "Wrapper protocol"):
- * - stdin carries one JSON request {"code", "event", "language"}; it is read to EOF only
- *   after every require, so a pool can pre-start this process.
+ * - stdin carries one JSON request {"code", "event", "language"} and, for a function with
+ *   secrets, "env" ({name: value}, set in process.env before the code runs); it is read
+ *   to EOF only after every require, so a pool can pre-start this process.
  * - javascript: `code` is a function body; it becomes
  *   `async function __main(event, input) {` + code + `\n}` with the header on the user's
  *   first line, so line numbers match and top-level `return`/`await` work.
@@ -241,6 +242,7 @@ if (checkOnly || args.includes('--cold')) {
 }
 const preloadedLayer = preload();
 const req = JSON.parse(fs.readFileSync(0, 'utf8')); // blocks until the server sends it
+if (req.env) Object.assign(process.env, req.env); // the function's secrets, for its own calls only
 const source = wrap(req);
 
 if (checkOnly) {

@@ -3,7 +3,8 @@
     /usr/bin/python3 -I python.py [--check] [--cold] [RESULT_FD]
 
 Protocol (see DESIGN.md, "Wrapper protocol"):
-- stdin carries one JSON request {"code": str, "event": any, "language": "python"};
+- stdin carries one JSON request {"code": str, "event": any, "language": "python"} and, for
+  a function with secrets, "env": {name: value}, set in os.environ before the code runs;
   it is read to EOF only after every import, so a pool can pre-start this process.
 - The code is a function body: `event` and `input` are both the parsed input and a
   top-level `return` gives the result. The body is parsed with `ast` and its statements
@@ -273,6 +274,7 @@ def main(argv):
     request = loads(sys.stdin.buffer.read().decode())  # blocks until the server sends the request
     code = USER_CODE = request["code"]
     event = request.get("event")
+    os.environ.update(request.get("env") or {})  # the function's secrets, for its own calls only
     sys.argv = [FILENAME]
     layer = request.get("layer")
     if layer and layer != preloaded:  # the version's libraries, a read-only tree bound into the sandbox
