@@ -2707,10 +2707,10 @@ class Calls:
                                  "draining": self.stopping.is_set()}
         try:
             state["queue"] = self.backend.queue_state()
-        except Exception as error:
+            if isinstance(self.backend, RedisCalls):
+                state.update(self.backend.health())
+        except Exception as error:   # the store is down: /healthz says so elsewhere
             state["queue"] = {"error": str(error)}
-        if isinstance(self.backend, RedisCalls):
-            state.update(self.backend.health())
         return state
 
     def nodes(self) -> list[dict[str, Any]]:
