@@ -3393,10 +3393,14 @@ class CallRoutes:
     """The HTTP side of calls, mixed into Handler: submit, read, wait, follow, cancel, list."""
     app: "App"
     headers: Any
+    path: str
     query: dict[str, list[str]]
 
     def async_request(self) -> tuple[bool, float | None]:
         """(asynchronous?, seconds to wait for the result) from ?async=1 or Prefer."""
+        key = self.headers.get("Idempotency-Key")
+        if key is not None and (not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable()):
+            raise ApiError(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters")
         prefer = parse_prefer(self.headers.get("Prefer", ""))
         flag = (self.query.get("async") or [""])[-1].lower()
         if flag not in ("", "0", "1", "true", "false"):
@@ -3420,10 +3424,8 @@ class CallRoutes:
         callback = body.get("callback_url") or self.headers.get("X-Callback-Url")
         callback_url = calls.callbacks.check(callback) if callback else None
         idempotency = None
-        key = self.headers.get("Idempotency-Key")
+        key = self.headers.get("Idempotency-Key")   # checked by async_request
         if key is not None:
-            if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
-                raise ApiError(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters")
             scope = hashlib.sha256(f"{version.path}\0{key}".encode()).hexdigest()
             digest = hashlib.sha256(json_bytes([body, self.query.get("version")])).hexdigest()
             idempotency = (scope, digest)
@@ -3463,20 +3465,21 @@ class CallRoutes:
         self.send_json(200, call_view(record))
 
     def get_calls(self) -> None:
-        path = (self.query.get("path") or [""])[-1] or None
-        status = (self.query.get("status") or [""])[-1] or None
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+        path = query["path"][-1] if "path" in query else None
+        status = query["status"][-1] if "status" in query else None
         if path is not None:
             check_path(path)
         if status is not None and status not in CALL_STATUSES:
             raise ApiError(400, f"status must be one of {', '.join(CALL_STATUSES)}")
-        raw = (self.query.get("limit") or ["50"])[-1] or "50"
+        raw = (query.get("limit") or ["50"])[-1]
         if not raw.isdigit() or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "limit must be an integer from 1 to 1000")
         records = self.app.calls.backend.list(path, status, int(raw))
         self.send_json(200, {"calls": [call_view(record) for record in records]})
 
     def get_call_events(self, call_id: str) -> None:
-        last = self.headers.get("Last-Event-ID") or (self.query.get("last_event_id") or [""])[-1] or None
+        last = self.headers.get("Last-Event-ID")
         if last is not None and not re.fullmatch(r"\d{1,9}-\d{1,9}", last):
             raise ApiError(400, "Last-Event-ID must be an event id this server sent (<attempt>-<n>)")
         events = self.app.calls.follow(call_id, last)

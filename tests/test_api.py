@@ -668,7 +668,9 @@ def test_openapi_document_is_valid_and_served(sqlite_server):
     assert r.body == doc, "GET /openapi.json serves the file beside faas.py"
     expected = {("/upload", "post"), ("/run/{path}", "post"), ("/run-now", "post"), ("/healthz", "get"),
                 ("/functions", "get"), ("/functions/{path}", "get"), ("/functions/{path}", "patch"),
-                ("/functions/{path}", "delete"), ("/metrics", "get"), ("/openapi.json", "get")}
+                ("/functions/{path}", "delete"), ("/metrics", "get"), ("/openapi.json", "get"),
+                ("/calls", "get"), ("/calls/{call_id}", "get"), ("/calls/{call_id}", "delete"),
+                ("/calls/{call_id}/events", "get"), ("/nodes", "get")}
     got = {(p, m) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     assert got == expected
 
