@@ -7,7 +7,7 @@ answers as JSON or as a live Server-Sent-Events stream. Compatible with go-faas'
 and environment variables.
 
 The module reads top to bottom in the order a request flows through it:
-Config -> Store -> Runtimes -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
+Config -> Store -> Runtimes -> Limits -> Sandbox -> Invocation -> Calls -> HTTP -> CLI.
 Standard library only; redis-py is imported only when a Redis store is configured.
 """
 from __future__ import annotations
@@ -2017,7 +2017,7 @@ def first_line_number(message: str) -> int | None:
 
 
 # ==========================================================================================
-# 6b. Calls
+# 6b. Calls (asynchronous calls with a queryable record)
 # ==========================================================================================
 # Asynchronous calls with a queryable record (research/async.md). The record is the truth:
 # a queue entry only says "someone should look at this call". Every state change of a
@@ -2251,171 +2251,6 @@ class CallStore(Protocol):
     def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]: ...
     def set_callback(self, call_id: str, state: dict[str, Any]) -> None: ...
     def queue_state(self) -> dict[str, Any]: ...
-
-
-class SQLiteCalls:
-    """Calls in the function store's SQLite file: a `calls` table is record and queue at
-    once. A call is claimed by one UPDATE ... RETURNING; the consumer is woken by an
-    in-process event when a call is queued, never by polling. One server per file."""
-    kind = "sqlite"
-    durable = True
-    SCHEMA = """
-        CREATE TABLE IF NOT EXISTS calls (
-            id TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL, version INTEGER,
-            status TEXT NOT NULL, request TEXT NOT NULL, answer TEXT, events TEXT,
-            node TEXT, owner TEXT, attempt INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
-            idem TEXT UNIQUE, body_hash TEXT, callback_url TEXT, callback TEXT,
-            created REAL NOT NULL, started REAL, finished REAL, deadline REAL NOT NULL,
-            expires REAL NOT NULL);
-        CREATE INDEX IF NOT EXISTS calls_queue ON calls (created) WHERE status = 'queued';
-        CREATE INDEX IF NOT EXISTS calls_expires ON calls (expires);
-        CREATE INDEX IF NOT EXISTS calls_created ON calls (created);
-    """
-    COLUMNS = ("id", "kind", "path", "version", "status", "request", "answer", "events", "node", "owner",
-               "attempt", "max_attempts", "idem", "body_hash", "callback_url", "callback", "created",
-               "started", "finished", "deadline", "expires")
-    JSON_COLUMNS = ("request", "answer", "events", "callback")
-
-    def __init__(self, store: SQLiteStore, config: CallConfig, waiters: Waiters) -> None:
-        self.store = store
-        self.config = config
-        self.waiters = waiters
-        self.queued = threading.Event()
-        with store.connection() as db:
-            db.executescript(self.SCHEMA)
-
-    def row_to_record(self, row: tuple) -> dict[str, Any]:
-        record = dict(zip(self.COLUMNS, row))
-        for column in self.JSON_COLUMNS:
-            record[column] = json.loads(record[column]) if record[column] else None
-        return record
-
-    def submit(self, record: dict[str, Any], max_queue: int) -> tuple[dict[str, Any], bool]:
-        now = time.time()
-        record = {**record, "created": now, "deadline": now + record.pop("max_age"),
-                  "expires": now + self.config.ttl}
-        with self.store.transaction() as db:
-            if record.get("idem"):
-                row = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE idem=?",
-                                 (record["idem"],)).fetchone()
-                if row:
-                    return self.row_to_record(row), True
-            depth = db.execute("SELECT count(*) FROM calls WHERE status='queued'").fetchone()[0]
-            if depth >= max_queue:
-                raise ApiError(429, f"{depth} calls are queued (FAAS_ASYNC_MAX_QUEUE); retry later",
-                               headers={"Retry-After": "5"})
-            values = [json.dumps(record[c]) if c in self.JSON_COLUMNS and record.get(c) is not None
-                      else record.get(c) for c in self.COLUMNS]
-            db.execute(f"INSERT INTO calls ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
-                       values)
-        self.queued.set()
-        return record, False
-
-    def get(self, call_id: str) -> dict[str, Any] | None:
-        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE id=? AND expires>?",
-                               (call_id, time.time()))
-        return self.row_to_record(rows[0]) if rows else None
-
-    def claim(self, node: str, owner: str) -> dict[str, Any] | None:
-        """The oldest queued call, now running here (expired ones are marked on the way)."""
-        self.expire_queued()
-        now = time.time()
-        with self.store.connection() as db:
-            rows = db.execute(
-                f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
-                f"WHERE id = (SELECT id FROM calls WHERE status='queued' ORDER BY created LIMIT 1) "
-                f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl)).fetchall()
-        return self.row_to_record(rows[0]) if rows else None
-
-    def expire_queued(self) -> list[str]:
-        now = time.time()
-        answer = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
-        with self.store.connection() as db:
-            ids = [row[0] for row in db.execute(
-                "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
-                "WHERE status='queued' AND deadline<? RETURNING id",
-                (now, answer, now + self.config.ttl, now)).fetchall()]
-        for call_id in ids:
-            self.waiters.notify(call_id)
-        return ids
-
-    def stored_events(self, call_id: str, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]:
-        rows = self.store.rows("SELECT events FROM calls WHERE id=?", (call_id,))
-        events = json.loads(rows[0][0]) if rows and rows[0][0] else []
-        mark = event_key(cursor) if cursor else (0, 0)
-        return [(eid, event) for eid, event in events if event_key(eid) > mark]
-
-    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
-        now = time.time()
-        with self.store.connection() as db:
-            done = db.execute(
-                "UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
-                "WHERE id=? AND status='running' AND owner=? AND attempt=?",
-                (status, json.dumps(answer), json.dumps(running.events), now, now + self.config.ttl,
-                 running.id, running.record["owner"], running.attempt)).rowcount
-        self.waiters.notify(running.id)
-        return bool(done)
-
-    def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
-        now = time.time()
-        answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
-        with self.store.connection() as db:
-            cancelled = db.execute(
-                "UPDATE calls SET status='cancelled', finished=?, answer=?, expires=? "
-                "WHERE id=? AND status='queued'", (now, answer, now + self.config.ttl, call_id)).rowcount
-        record = self.get(call_id)
-        if cancelled:
-            self.waiters.notify(call_id)
-            return "cancelled", record
-        if record is None:
-            return "none", None
-        return ("cancelling" if record["status"] == "running" else "final"), record
-
-    def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
-        where, params = ["expires>?"], [time.time()]
-        if path:
-            where.append("path=?")
-            params.append(path)
-        if status:
-            where.append("status=?")
-            params.append(status)
-        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE {' AND '.join(where)} "
-                               f"ORDER BY created DESC LIMIT ?", (*params, limit))
-        return [self.row_to_record(row) for row in rows]
-
-    def set_callback(self, call_id: str, state: dict[str, Any]) -> None:
-        with self.store.connection() as db:
-            db.execute("UPDATE calls SET callback=? WHERE id=?", (json.dumps(state), call_id))
-
-    def queue_state(self) -> dict[str, Any]:
-        depth, oldest = self.store.rows("SELECT count(*), min(created) FROM calls WHERE status='queued'")[0]
-        return {"depth": depth, "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
-
-    def recover(self, retries_left: Callable[[dict[str, Any]], bool]) -> tuple[int, int]:
-        """At start: calls the previous process was running are re-queued (attempts left)
-        or lost. Returns (re-queued, lost)."""
-        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE status='running'")
-        requeued = lost = 0
-        now = time.time()
-        for record in map(self.row_to_record, rows):
-            with self.store.connection() as db:
-                if record["attempt"] < record["max_attempts"]:
-                    requeued += db.execute("UPDATE calls SET status='queued', node=NULL, owner=NULL, started=NULL "
-                                           "WHERE id=? AND status='running'", (record["id"],)).rowcount
-                else:
-                    answer = final_answer("lost", f"the server ({record['node']}) stopped while running the call")
-                    lost += db.execute("UPDATE calls SET status='lost', finished=?, answer=?, expires=? "
-                                       "WHERE id=? AND status='running'",
-                                       (now, json.dumps(answer), now + self.config.ttl, record["id"])).rowcount
-        if requeued:
-            self.queued.set()
-        return requeued, lost
-
-    def sweep(self) -> None:
-        """Retention: records past FAAS_CALL_TTL go, in small batches."""
-        with self.store.connection() as db:
-            db.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE expires<? AND status NOT IN "
-                       "('queued', 'running') LIMIT 500)", (time.time(),))
 
 
 def is_final(record: dict[str, Any]) -> bool:
@@ -2737,6 +2572,179 @@ class Calls:
         if isinstance(self.backend, RedisCalls):
             self.backend.leave()
 
+
+# ==========================================================================================
+# 6c. Calls on SQLite (one server)
+# ==========================================================================================
+
+class SQLiteCalls:
+    """Calls in the function store's SQLite file: a `calls` table is record and queue at
+    once. A call is claimed by one UPDATE ... RETURNING; the consumer is woken by an
+    in-process event when a call is queued, never by polling. One server per file."""
+    kind = "sqlite"
+    durable = True
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS calls (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL, version INTEGER,
+            status TEXT NOT NULL, request TEXT NOT NULL, answer TEXT, events TEXT,
+            node TEXT, owner TEXT, attempt INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+            idem TEXT UNIQUE, body_hash TEXT, callback_url TEXT, callback TEXT,
+            created REAL NOT NULL, started REAL, finished REAL, deadline REAL NOT NULL,
+            expires REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS calls_queue ON calls (created) WHERE status = 'queued';
+        CREATE INDEX IF NOT EXISTS calls_expires ON calls (expires);
+        CREATE INDEX IF NOT EXISTS calls_created ON calls (created);
+    """
+    COLUMNS = ("id", "kind", "path", "version", "status", "request", "answer", "events", "node", "owner",
+               "attempt", "max_attempts", "idem", "body_hash", "callback_url", "callback", "created",
+               "started", "finished", "deadline", "expires")
+    JSON_COLUMNS = ("request", "answer", "events", "callback")
+
+    def __init__(self, store: SQLiteStore, config: CallConfig, waiters: Waiters) -> None:
+        self.store = store
+        self.config = config
+        self.waiters = waiters
+        self.queued = threading.Event()
+        with store.connection() as db:
+            db.executescript(self.SCHEMA)
+
+    def row_to_record(self, row: tuple) -> dict[str, Any]:
+        record = dict(zip(self.COLUMNS, row))
+        for column in self.JSON_COLUMNS:
+            record[column] = json.loads(record[column]) if record[column] else None
+        return record
+
+    def submit(self, record: dict[str, Any], max_queue: int) -> tuple[dict[str, Any], bool]:
+        now = time.time()
+        record = {**record, "created": now, "deadline": now + record.pop("max_age"),
+                  "expires": now + self.config.ttl}
+        with self.store.transaction() as db:
+            if record.get("idem"):
+                row = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE idem=?",
+                                 (record["idem"],)).fetchone()
+                if row:
+                    return self.row_to_record(row), True
+            depth = db.execute("SELECT count(*) FROM calls WHERE status='queued'").fetchone()[0]
+            if depth >= max_queue:
+                raise ApiError(429, f"{depth} calls are queued (FAAS_ASYNC_MAX_QUEUE); retry later",
+                               headers={"Retry-After": "5"})
+            values = [json.dumps(record[c]) if c in self.JSON_COLUMNS and record.get(c) is not None
+                      else record.get(c) for c in self.COLUMNS]
+            db.execute(f"INSERT INTO calls ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                       values)
+        self.queued.set()
+        return record, False
+
+    def get(self, call_id: str) -> dict[str, Any] | None:
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE id=? AND expires>?",
+                               (call_id, time.time()))
+        return self.row_to_record(rows[0]) if rows else None
+
+    def claim(self, node: str, owner: str) -> dict[str, Any] | None:
+        """The oldest queued call, now running here (expired ones are marked on the way)."""
+        self.expire_queued()
+        now = time.time()
+        with self.store.connection() as db:
+            rows = db.execute(
+                f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
+                f"WHERE id = (SELECT id FROM calls WHERE status='queued' ORDER BY created LIMIT 1) "
+                f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl)).fetchall()
+        return self.row_to_record(rows[0]) if rows else None
+
+    def expire_queued(self) -> list[str]:
+        now = time.time()
+        answer = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
+        with self.store.connection() as db:
+            ids = [row[0] for row in db.execute(
+                "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
+                "WHERE status='queued' AND deadline<? RETURNING id",
+                (now, answer, now + self.config.ttl, now)).fetchall()]
+        for call_id in ids:
+            self.waiters.notify(call_id)
+        return ids
+
+    def stored_events(self, call_id: str, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]:
+        rows = self.store.rows("SELECT events FROM calls WHERE id=?", (call_id,))
+        events = json.loads(rows[0][0]) if rows and rows[0][0] else []
+        mark = event_key(cursor) if cursor else (0, 0)
+        return [(eid, event) for eid, event in events if event_key(eid) > mark]
+
+    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
+        now = time.time()
+        with self.store.connection() as db:
+            done = db.execute(
+                "UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
+                "WHERE id=? AND status='running' AND owner=? AND attempt=?",
+                (status, json.dumps(answer), json.dumps(running.events), now, now + self.config.ttl,
+                 running.id, running.record["owner"], running.attempt)).rowcount
+        self.waiters.notify(running.id)
+        return bool(done)
+
+    def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
+        now = time.time()
+        answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
+        with self.store.connection() as db:
+            cancelled = db.execute(
+                "UPDATE calls SET status='cancelled', finished=?, answer=?, expires=? "
+                "WHERE id=? AND status='queued'", (now, answer, now + self.config.ttl, call_id)).rowcount
+        record = self.get(call_id)
+        if cancelled:
+            self.waiters.notify(call_id)
+            return "cancelled", record
+        if record is None:
+            return "none", None
+        return ("cancelling" if record["status"] == "running" else "final"), record
+
+    def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+        where, params = ["expires>?"], [time.time()]
+        if path:
+            where.append("path=?")
+            params.append(path)
+        if status:
+            where.append("status=?")
+            params.append(status)
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE {' AND '.join(where)} "
+                               f"ORDER BY created DESC LIMIT ?", (*params, limit))
+        return [self.row_to_record(row) for row in rows]
+
+    def set_callback(self, call_id: str, state: dict[str, Any]) -> None:
+        with self.store.connection() as db:
+            db.execute("UPDATE calls SET callback=? WHERE id=?", (json.dumps(state), call_id))
+
+    def queue_state(self) -> dict[str, Any]:
+        depth, oldest = self.store.rows("SELECT count(*), min(created) FROM calls WHERE status='queued'")[0]
+        return {"depth": depth, "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
+
+    def recover(self, retries_left: Callable[[dict[str, Any]], bool]) -> tuple[int, int]:
+        """At start: calls the previous process was running are re-queued (attempts left)
+        or lost. Returns (re-queued, lost)."""
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE status='running'")
+        requeued = lost = 0
+        now = time.time()
+        for record in map(self.row_to_record, rows):
+            with self.store.connection() as db:
+                if record["attempt"] < record["max_attempts"]:
+                    requeued += db.execute("UPDATE calls SET status='queued', node=NULL, owner=NULL, started=NULL "
+                                           "WHERE id=? AND status='running'", (record["id"],)).rowcount
+                else:
+                    answer = final_answer("lost", f"the server ({record['node']}) stopped while running the call")
+                    lost += db.execute("UPDATE calls SET status='lost', finished=?, answer=?, expires=? "
+                                       "WHERE id=? AND status='running'",
+                                       (now, json.dumps(answer), now + self.config.ttl, record["id"])).rowcount
+        if requeued:
+            self.queued.set()
+        return requeued, lost
+
+    def sweep(self) -> None:
+        """Retention: records past FAAS_CALL_TTL go, in small batches."""
+        with self.store.connection() as db:
+            db.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE expires<? AND status NOT IN "
+                       "('queued', 'running') LIMIT 500)", (time.time(),))
+
+
+# ==========================================================================================
+# 6d. Calls on Redis (many servers, one queue)
+# ==========================================================================================
 
 LUA_NOW = """
 local clock = redis.call('TIME')
@@ -3245,6 +3253,10 @@ class RedisCalls:
         return {"queue_durable": bool(persistence.get("aof_enabled")), "redis_aof": bool(persistence.get("aof_enabled")),
                 "redis_maxmemory_policy": policy, "nodes_alive": len(self.nodes()), "warnings": warnings}
 
+
+# ==========================================================================================
+# 6e. Callbacks and the HTTP side of calls
+# ==========================================================================================
 
 class PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to the address that was checked, whatever the name resolves to now."""
