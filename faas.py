@@ -2882,6 +2882,22 @@ class RedisCalls:
         redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'id', ARGV[1]))
         return {outcome}
     """
+    # A queue entry nobody has read yet (ARGV[4]): its call expired while waiting, or was
+    # cancelled. Expired calls end `expired` even when no server reads the queue.
+    SWEEP = LUA_NOW + """
+        if #redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[4], ARGV[4], 1) > 0 then return 0 end
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if redis.call('HGET', KEYS[1], 'entry') ~= ARGV[4] or (status ~= 'queued' and status ~= 'running') then
+            redis.call('XDEL', KEYS[2], ARGV[4])
+            return 0
+        end
+        if status ~= 'queued' or now <= tonumber(redis.call('HGET', KEYS[1], 'deadline')) then return 0 end
+        redis.call('XDEL', KEYS[2], ARGV[4])
+        redis.call('HSET', KEYS[1], 'status', 'expired', 'finished', fmt(now), 'answer', ARGV[5])
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        done(ARGV[1], 'expired')
+        return 1
+    """
     INT_FIELDS = ("version", "attempt", "max_attempts", "deliveries")
     FLOAT_FIELDS = ("created", "started", "finished", "deadline", "max_age")
     JSON_FIELDS = ("request", "answer", "callback")
@@ -2905,7 +2921,7 @@ class RedisCalls:
         self.streams = {"sync": self.key("calls:sync"), "async": self.key("calls:async")}
         self.done_key = self.key("calls:done")
         self.scripts = {name: self.redis.register_script(getattr(self, name))
-                        for name in ("ENQUEUE", "CLAIM", "FINISH", "CANCEL", "RECOVER")}
+                        for name in ("ENQUEUE", "CLAIM", "FINISH", "CANCEL", "RECOVER", "SWEEP")}
         self.node_key = self.key(f"node:{self.config.node_id}")
         self.stop = threading.Event()
         self.create_groups()
@@ -3180,6 +3196,7 @@ class RedisCalls:
                                                     int(self.config.lease * 1000), "0-0", count=100, justid=True)
                     for entry_id in entries:
                         self.recover(stream, entry_id, "reap")
+                    self.sweep(stream)
                 self.redis.zremrangebyscore(self.key("calls:index"), "-inf", time.time() - self.config.ttl)
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 LOG.warning("reaper: %s", error)
@@ -3187,6 +3204,17 @@ class RedisCalls:
                 if "NOGROUP" not in str(error):
                     raise
                 self.create_groups()
+
+    def sweep(self, stream: str) -> None:
+        """Unread entries: expire the calls that waited too long, drop cancelled ones."""
+        groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
+        if self.GROUP not in groups:
+            return
+        answer = json.dumps(final_answer("expired", "the call was not started within its maximum queued age"))
+        for entry_id, fields in self.redis.xrange(stream, f"({groups[self.GROUP]['last-delivered-id']}", "+",
+                                                  count=100):
+            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, answer]):
+                self.calls.metrics.inc("faas_calls_final_total", status="expired")
 
     def flush_loop(self) -> None:
         while not self.stop.wait(0.05):

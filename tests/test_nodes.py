@@ -295,3 +295,21 @@ def test_no_keys_without_ttl_and_no_queue_entries_left(cluster, redis_aof):
         if key.startswith(f"{prefix}function") or key in (f"{prefix}calls:sync", f"{prefix}calls:async"):
             continue
         assert client.ttl(key) > 0 or client.pttl(key) > 0, key
+
+
+def test_a_queued_call_expires_even_while_no_server_reads_the_queue(faas, redis_aof):
+    node = start_node(faas, redis_aof, f"exp-{uuid.uuid4().hex[:8]}:", "expiring", FAAS_MAX_RUNS="1",
+                      FAAS_NODE_LEASE="1", FAAS_ASYNC_MAX_AGE="1")
+    try:
+        node.upload("sleep", "python", SLEEPER)
+        busy = submitted(node, "sleep", {"s": 6})
+        until_status(node, busy, ("running",))
+        waiting = submitted(node, "sleep", {"s": 0})
+        expired = until_status(node, waiting, ("expired",), timeout=5)
+        assert expired["started"] is None
+        assert record(node, busy)["status"] == "running", "expired by the sweep, not at a claim"
+        client = redis_aof.client()
+        assert final(node, busy)["status"] == "ok"
+        assert client.xlen(f"{node.env['FAAS_REDIS_PREFIX']}calls:async") == 0
+    finally:
+        node.stop()
