@@ -2569,6 +2569,10 @@ class Calls:
         if self.running:
             LOG.warning("stopping with %d calls still running", len(self.running))
         self.callbacks.stop()
+
+    def close(self) -> None:
+        """Stop the background loops and, on Redis, give up this server's lease at once."""
+        self.stopping.set()
         if isinstance(self.backend, RedisCalls):
             self.backend.leave()
 
@@ -3225,7 +3229,7 @@ class RedisCalls:
                     LOG.warning("call %s: printed lines not stored yet: %s", running.id, error)
 
     def leave(self) -> None:
-        """Drain's end: hand back nothing (calls are claimed as they are read), drop the lease."""
+        """At close (after drain): nothing to hand back (calls are claimed as they are read); drop the lease."""
         self.stop.set()
         try:
             lease = self.redis.get(self.node_key)
@@ -4209,6 +4213,7 @@ class App:
             notify_systemd("WATCHDOG=1")
 
     def close(self) -> None:
+        self.calls.close()
         self.pool.close()
         self.store.close()
         self.limit_backend.close()
