@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_error, assert_ok, descendants, wait_until
+from tests.test_attacks import server_cgroup_dirs
 
 SLEEPER = "import time\ntime.sleep(float(event.get('s', 1)))\nreturn event.get('s', 1)"
 PRINTER = "import time\nfor i in range(3):\n    print('line', i, flush=True)\n    time.sleep(0.2)\nreturn 'done'"
@@ -91,6 +92,7 @@ def server(request, faas):
     s.stop()
     text = s.stderr_text()
     assert "Traceback" not in text, text[text.find("Traceback") - 300:][:3000]
+    assert not descendants(s.proc.pid) and not server_cgroup_dirs(s.proc.pid), "no process or cgroup left"
 
 
 # --------------------------------------------------------------------------- the API

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_error, assert_ok, proc_table, wait_until
+from tests.test_attacks import server_cgroup_dirs
 from tests.test_calls import SLEEPER, final, record, sse_get, submit, submitted, until_status
 
 LEASE = "2"
@@ -200,6 +201,11 @@ def test_kill_9_mid_call_reruns_or_loses_it_with_one_final_record(pair, retries)
     assert len(assert_ok(survivor.get("/calls?path=sleep"))["calls"]) == 1
     assert wait_until(lambda: "victim" not in {n["id"] for n in survivor.get("/nodes").body["nodes"]}, timeout=10)
     assert wait_until(lambda: not sandboxes_of(victim), timeout=10), "the dead server's sandboxes are gone"
+    assert server_cgroup_dirs(victim.proc.pid) and list(Path(victim.env["RUNTIME_DIRECTORY"]).glob(
+        f"faas-runtime-{victim.proc.pid}-*")), "kill -9 leaves the cgroups and the runtime directory"
+    start("sweeper")
+    assert not server_cgroup_dirs(victim.proc.pid), "the next start sweeps the dead server's cgroups"
+    assert not list(Path(victim.env["RUNTIME_DIRECTORY"]).glob(f"faas-runtime-{victim.proc.pid}-*"))
 
 
 def test_a_frozen_servers_late_result_is_refused(pair):
