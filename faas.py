@@ -3186,7 +3186,7 @@ class RedisCalls:
                             [call.record["entry"]], justid=True)
                 pipe.hget(self.record_key(call.id), "cancel")
             results = pipe.execute()
-        for call, cancel in zip(running, results[3::2]):
+        for call, cancel in zip(running, results[4::2]):   # after set, sadd, expire: (xclaim, hget) pairs
             if cancel == "1" and not call.cancelled:
                 self.calls.cancel_local(call.id)
 

@@ -157,6 +157,16 @@ def test_events_of_a_call_run_elsewhere(cluster):
     assert [e["data"] for _, e in resumed if e["event"] == "log"] == ["line 1", "line 2"]
 
 
+def test_cancel_reaches_the_server_running_the_call(cluster):
+    nodes, _ = cluster
+    call_id = submitted(nodes["a"], "sleep", {"s": 20})
+    running = until_status(nodes["a"], call_id, ("running",))
+    other = next(name for name in "abc" if name != running["node"])
+    r = nodes[other].request("DELETE", f"/calls/{call_id}")
+    assert r.status == 200 and r.body["status"] == "cancelled", r.body
+    assert r.body["node"] == running["node"] and r.body["finished"] - r.body["started"] < 15, r.body
+
+
 def sandboxes_of(server):
     """Processes still running from the server's runtime directory (its sandboxes)."""
     base = f"{server.env['RUNTIME_DIRECTORY']}/faas-runtime-{server.proc.pid}-"
