@@ -2337,13 +2337,16 @@ class Calls:
         wait's timeout only paces the expiry and retention sweeps."""
         backend: SQLiteCalls = self.backend
         slots = self.invoker.slots
-        last_sweep = 0.0
+        last_expiry = last_sweep = 0.0
         while not self.stopping.is_set():
-            if not backend.queued.wait(1.0):
+            woken = backend.queued.wait(1.0)
+            if time.monotonic() - last_expiry >= 1:
+                last_expiry = time.monotonic()
                 backend.expire_queued()
-                if time.monotonic() - last_sweep > 60:
-                    last_sweep = time.monotonic()
+                if last_expiry - last_sweep > 60:
+                    last_sweep = last_expiry
                     backend.sweep()
+            if not woken:
                 continue
             if not slots.try_acquire(0.5):
                 continue
@@ -2645,14 +2648,14 @@ class SQLiteCalls:
         return self.row_to_record(rows[0]) if rows else None
 
     def claim(self, node: str, owner: str) -> dict[str, Any] | None:
-        """The oldest queued call, now running here (expired ones are marked on the way)."""
-        self.expire_queued()
+        """The oldest queued call that may still start, now running here (expire_queued
+        marks the others)."""
         now = time.time()
         with self.store.connection() as db:
             rows = db.execute(
                 f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
-                f"WHERE id = (SELECT id FROM calls WHERE status='queued' ORDER BY created LIMIT 1) "
-                f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl)).fetchall()
+                f"WHERE id = (SELECT id FROM calls WHERE status='queued' AND deadline>=? ORDER BY created LIMIT 1) "
+                f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl, now)).fetchall()
         return self.row_to_record(rows[0]) if rows else None
 
     def expire_queued(self) -> list[str]:
