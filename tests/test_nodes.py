@@ -134,7 +134,7 @@ def test_a_full_server_hands_sync_calls_to_a_free_one(cluster):
 
 def test_sync_calls_get_429_only_when_no_server_starts_them_in_time(cluster):
     nodes, _ = cluster
-    sleepers = [submitted(nodes[name], "sleep", {"s": 4}) for name in "abc" for _ in range(2)]
+    sleepers = [submitted(nodes[name], "sleep", {"s": 8}) for name in "abc" for _ in range(2)]
     assert wait_until(lambda: all(record(nodes["a"], i)["status"] == "running" for i in sleepers), timeout=15)
     r = nodes["a"].run("sleep", {"s": 0})
     assert_error(r, 429)
