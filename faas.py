@@ -2079,7 +2079,6 @@ class CallConfig:
 def callback_key(secret: str) -> bytes:
     """Standard Webhooks secrets are `whsec_<base64>`; any other text is used as it is."""
     if secret.startswith("whsec_"):
-        import base64
         try:
             return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         except ValueError:
@@ -2271,7 +2270,6 @@ class Calls:
         self.cancel_requested: set[str] = set()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
         self.spilling = 0
         self.callbacks = Callbacks(self.config, self)
         self.backend: Any
@@ -2287,7 +2285,7 @@ class Calls:
     def start(self) -> None:
         """Recover what a previous run of this server left, then consume the queue."""
         if isinstance(self.backend, SQLiteCalls):
-            requeued, lost = self.backend.recover(lambda record: True)
+            requeued, lost = self.backend.recover()
             if requeued or lost:
                 LOG.warning("calls running when the server stopped: %d re-queued, %d lost", requeued, lost)
                 self.metrics.inc("faas_calls_redelivered_total", requeued)
@@ -2296,7 +2294,6 @@ class Calls:
             self.spawn(self.consume_sqlite, "calls-consumer")
         else:
             self.backend.start()
-        self.callbacks.start()
 
     def spawn(self, target: Callable[[], None], name: str) -> None:
         """A background loop, restarted (after a pause) if it fails unexpectedly."""
@@ -2307,9 +2304,7 @@ class Calls:
                 except Exception as error:
                     LOG.error("%s failed, restarting it in 1 s: %r", name, error)
                     time.sleep(1)
-        thread = threading.Thread(target=guarded, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
+        threading.Thread(target=guarded, name=name, daemon=True).start()
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, kind: str, version: Version, event: Any, limits: Limits, retries: int,
@@ -2524,12 +2519,8 @@ class Calls:
             record, _ = self.submit("sync", version, event, limits, 0, max_age=wait)
             started = self.wait(record["id"], lambda r: r["status"] != "queued", wait + 0.2)
             if started is None or started["status"] == "queued":
-                outcome, started = self.backend.cancel(record["id"])
-                if outcome == "cancelled" or started is None:
-                    self.metrics.inc("faas_spilled_total", outcome="rejected")
-                    raise ApiError(429, f"all run slots of every server are busy; retry shortly",
-                                   headers={"Retry-After": "1"})
-            if started["status"] == "expired":
+                _, started = self.backend.cancel(record["id"])   # never starts later
+            if started is None or started["status"] in ("cancelled", "expired"):
                 self.metrics.inc("faas_spilled_total", outcome="rejected")
                 raise ApiError(429, "all run slots of every server are busy; retry shortly",
                                headers={"Retry-After": "1"})
@@ -2566,7 +2557,7 @@ class Calls:
         self.stopping.set()
 
     def drain(self, deadline: float) -> None:
-        """After stop_taking: wait for the calls running here, then leave the cluster."""
+        """After stop_taking: wait for the calls running here (close() then leaves the cluster)."""
         while self.running and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.running:
@@ -2722,7 +2713,7 @@ class SQLiteCalls:
         depth, oldest = self.store.rows("SELECT count(*), min(created) FROM calls WHERE status='queued'")[0]
         return {"depth": depth, "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
 
-    def recover(self, retries_left: Callable[[dict[str, Any]], bool]) -> tuple[int, int]:
+    def recover(self) -> tuple[int, int]:
         """At start: calls the previous process was running are re-queued (attempts left)
         or lost. Returns (re-queued, lost)."""
         rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE status='running'")
@@ -3331,9 +3322,6 @@ class Callbacks:
         self.slots = threading.BoundedSemaphore(16)
         self.stopping = threading.Event()
 
-    def start(self) -> None:
-        pass
-
     def stop(self) -> None:
         self.stopping.set()
 
@@ -3408,7 +3396,6 @@ class Callbacks:
         connection = connection_type(parts.hostname, parts.port, usable[0], self.TIMEOUT)
         body = json_bytes(call_view(record))
         timestamp = str(int(time.time()))
-        import base64
         signature = base64.b64encode(hmac.new(self.config.callback_secret or b"",
                                               f"{record['id']}.{timestamp}.".encode() + body,
                                               hashlib.sha256).digest()).decode()
