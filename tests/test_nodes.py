@@ -4,6 +4,7 @@ with exactly one final record: kill -9 of a server mid-call, a server frozen (SI
 its lease, drain, Redis restarted with AOF (nothing accepted is lost) and without it (a
 clear 503, then recovery). One loopback redis-server with AOF, started here; small pools."""
 import json
+import re
 import shutil
 import signal
 import socket
@@ -210,6 +211,8 @@ def test_kill_9_mid_call_reruns_or_loses_it_with_one_final_record(pair, retries)
     else:
         assert done["status"] == "lost" and "victim" in done["error"] and done["attempt"] == 1, done
     assert len(assert_ok(survivor.get("/calls?path=sleep"))["calls"]) == 1
+    metric = "faas_calls_redelivered_total" if retries == "1" else "faas_calls_lost_total"
+    assert re.search(rf"^{metric} [1-9]", survivor.get("/metrics").body, re.M), metric
     assert wait_until(lambda: "victim" not in {n["id"] for n in survivor.get("/nodes").body["nodes"]}, timeout=10)
     assert wait_until(lambda: not sandboxes_of(victim), timeout=10), "the dead server's sandboxes are gone"
     assert server_cgroup_dirs(victim.proc.pid) and list(Path(victim.env["RUNTIME_DIRECTORY"]).glob(
