@@ -3,7 +3,6 @@ slots, a full server's sync calls overflow to the others, and every failure ends
 with exactly one final record: kill -9 of a server mid-call, a server frozen (SIGSTOP) past
 its lease, drain, Redis restarted with AOF (nothing accepted is lost) and without it (a
 clear 503, then recovery). One loopback redis-server with AOF, started here; small pools."""
-import json
 import re
 import shutil
 import signal
