@@ -2238,20 +2238,6 @@ class Waiters:
                 event.set()
 
 
-class CallStore(Protocol):
-    kind: str
-    durable: bool
-
-    def submit(self, record: dict[str, Any], max_queue: int) -> tuple[dict[str, Any], bool]: ...
-    def get(self, call_id: str) -> dict[str, Any] | None: ...
-    def stored_events(self, call_id: str, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]: ...
-    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool: ...
-    def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]: ...
-    def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]: ...
-    def set_callback(self, call_id: str, state: dict[str, Any]) -> None: ...
-    def queue_state(self) -> dict[str, Any]: ...
-
-
 def is_final(record: dict[str, Any]) -> bool:
     return record["status"] in CALL_FINAL
 
@@ -2272,7 +2258,9 @@ class Calls:
         self.stopping = threading.Event()
         self.spilling = 0
         self.callbacks = Callbacks(self.config, self)
-        self.backend: Any
+        # Both backends answer submit, get, stored_events, finish, cancel, list,
+        # set_callback and queue_state alike; queue consumption differs.
+        self.backend: SQLiteCalls | RedisCalls
         if isinstance(store, RedisStore):
             self.backend = RedisCalls(store, config, self)
         else:
