@@ -2591,8 +2591,16 @@ class SQLiteCalls:
         self.config = config
         self.waiters = waiters
         self.queued = threading.Event()
+        self.write_lock = threading.Lock()
         with store.connection() as db:
             db.executescript(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def writing(self, transaction: bool = False) -> Iterator[sqlite3.Connection]:
+        """The calls' writes one at a time in this process: they wait on a lock, not in
+        SQLite's busy handler, which sleeps milliseconds between its tries."""
+        with self.write_lock, (self.store.transaction() if transaction else self.store.connection()) as db:
+            yield db
 
     def row_to_record(self, row: tuple) -> dict[str, Any]:
         record = dict(zip(self.COLUMNS, row))
@@ -2604,7 +2612,7 @@ class SQLiteCalls:
         now = time.time()
         record = {**record, "created": now, "deadline": now + record.pop("max_age"),
                   "expires": now + self.config.ttl}
-        with self.store.transaction() as db:
+        with self.writing(transaction=True) as db:
             if record.get("idem"):
                 row = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE idem=?",
                                  (record["idem"],)).fetchone()
@@ -2630,7 +2638,7 @@ class SQLiteCalls:
         """The oldest queued call that may still start, now running here (expire_queued
         marks the others)."""
         now = time.time()
-        with self.store.connection() as db:
+        with self.writing() as db:
             rows = db.execute(
                 f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
                 f"WHERE id = (SELECT id FROM calls WHERE status='queued' AND deadline>=? ORDER BY created LIMIT 1) "
@@ -2640,7 +2648,7 @@ class SQLiteCalls:
     def expire_queued(self) -> list[str]:
         now = time.time()
         answer = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
-        with self.store.connection() as db:
+        with self.writing() as db:
             ids = [row[0] for row in db.execute(
                 "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
                 "WHERE status='queued' AND deadline<? RETURNING id",
@@ -2657,7 +2665,7 @@ class SQLiteCalls:
 
     def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
         now = time.time()
-        with self.store.connection() as db:
+        with self.writing() as db:
             done = db.execute(
                 "UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
                 "WHERE id=? AND status='running' AND owner=? AND attempt=?",
@@ -2669,7 +2677,7 @@ class SQLiteCalls:
     def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
         now = time.time()
         answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
-        with self.store.connection() as db:
+        with self.writing() as db:
             cancelled = db.execute(
                 "UPDATE calls SET status='cancelled', finished=?, answer=?, expires=? "
                 "WHERE id=? AND status='queued'", (now, answer, now + self.config.ttl, call_id)).rowcount
@@ -2694,7 +2702,7 @@ class SQLiteCalls:
         return [self.row_to_record(row) for row in rows]
 
     def set_callback(self, call_id: str, state: dict[str, Any]) -> None:
-        with self.store.connection() as db:
+        with self.writing() as db:
             db.execute("UPDATE calls SET callback=? WHERE id=?", (json.dumps(state), call_id))
 
     def queue_state(self) -> dict[str, Any]:
@@ -2708,7 +2716,7 @@ class SQLiteCalls:
         requeued = lost = 0
         now = time.time()
         for record in map(self.row_to_record, rows):
-            with self.store.connection() as db:
+            with self.writing() as db:
                 if record["attempt"] < record["max_attempts"]:
                     requeued += db.execute("UPDATE calls SET status='queued', node=NULL, owner=NULL, started=NULL "
                                            "WHERE id=? AND status='running'", (record["id"],)).rowcount
@@ -2723,7 +2731,7 @@ class SQLiteCalls:
 
     def sweep(self) -> None:
         """Retention: records past FAAS_CALL_TTL go, in small batches."""
-        with self.store.connection() as db:
+        with self.writing() as db:
             db.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE expires<? AND status NOT IN "
                        "('queued', 'running') LIMIT 500)", (time.time(),))
 
