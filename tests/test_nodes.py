@@ -116,7 +116,7 @@ def test_async_calls_submitted_to_one_server_run_on_all(cluster):
 def test_a_full_server_hands_sync_calls_to_a_free_one(cluster):
     nodes, _ = cluster
     a = nodes["a"]
-    busy = [threading.Thread(target=a.run, args=("sleep", {"s": 3})) for _ in range(2)]
+    busy = [threading.Thread(target=a.run, args=("sleep", {"s": 6})) for _ in range(2)]
     for thread in busy:
         thread.start()
     assert wait_until(lambda: a.get("/healthz").body["runs_active"] == 2, timeout=10)
