@@ -2275,9 +2275,11 @@ class Calls:
         if isinstance(self.backend, SQLiteCalls):
             requeued, lost = self.backend.recover()
             if requeued or lost:
-                LOG.warning("calls running when the server stopped: %d re-queued, %d lost", requeued, lost)
+                LOG.warning("calls running when the server stopped: %d re-queued, %d lost", requeued, len(lost))
                 self.metrics.inc("faas_calls_redelivered_total", requeued)
-                self.metrics.inc("faas_calls_lost_total", lost)
+                self.metrics.inc("faas_calls_lost_total", len(lost))
+            for call_id in lost:
+                self.ended(call_id)
             self.backend.queued.set()
             self.spawn(self.consume_sqlite, "calls-consumer")
         else:
@@ -2325,7 +2327,8 @@ class Calls:
             woken = backend.queued.wait(1.0)
             if time.monotonic() - last_expiry >= 1:
                 last_expiry = time.monotonic()
-                backend.expire_queued()
+                for call_id in backend.expire_queued():
+                    self.ended(call_id)
                 if last_expiry - last_sweep > 60:
                     last_sweep = last_expiry
                     backend.sweep()
@@ -2412,6 +2415,12 @@ class Calls:
         if running.record.get("callback_url"):
             self.callbacks.schedule(running.id)
 
+    def ended(self, call_id: str) -> None:
+        """A call ended without a run of this server's (cancelled, expired, lost): its
+        callback, when it asked for one."""
+        if self.config.callback_allow:
+            self.callbacks.schedule(call_id)
+
     # -- waiting, following, cancelling -------------------------------------------------------
     def get(self, call_id: str) -> dict[str, Any]:
         record = self.backend.get(call_id) if CALL_ID_RE.fullmatch(call_id) else None
@@ -2477,6 +2486,8 @@ class Calls:
             raise ApiError(404, f"no call {call_id}")
         if outcome == "final":
             raise ApiError(409, f"the call has already ended: {record['status']}", call_status=record["status"])
+        if outcome == "cancelled":
+            self.ended(call_id)
         if outcome == "cancelling":
             self.cancel_local(call_id)
             record = self.wait(call_id, is_final, 10) or record
@@ -2709,11 +2720,11 @@ class SQLiteCalls:
         depth, oldest = self.store.rows("SELECT count(*), min(created) FROM calls WHERE status='queued'")[0]
         return {"depth": depth, "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
 
-    def recover(self) -> tuple[int, int]:
+    def recover(self) -> tuple[int, list[str]]:
         """At start: calls the previous process was running are re-queued (attempts left)
-        or lost. Returns (re-queued, lost)."""
+        or lost. Returns (how many were re-queued, the ids of the lost)."""
         rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE status='running'")
-        requeued = lost = 0
+        requeued, lost = 0, []
         now = time.time()
         for record in map(self.row_to_record, rows):
             with self.writing() as db:
@@ -2722,9 +2733,10 @@ class SQLiteCalls:
                                            "WHERE id=? AND status='running'", (record["id"],)).rowcount
                 else:
                     answer = final_answer("lost", f"the server ({record['node']}) stopped while running the call")
-                    lost += db.execute("UPDATE calls SET status='lost', finished=?, answer=?, expires=? "
-                                       "WHERE id=? AND status='running'",
-                                       (now, json.dumps(answer), now + self.config.ttl, record["id"])).rowcount
+                    if db.execute("UPDATE calls SET status='lost', finished=?, answer=?, expires=? "
+                                  "WHERE id=? AND status='running'",
+                                  (now, json.dumps(answer), now + self.config.ttl, record["id"])).rowcount:
+                        lost.append(record["id"])
         if requeued:
             self.queued.set()
         return requeued, lost
@@ -3089,6 +3101,7 @@ class RedisCalls:
                             "re-queued before it started" if outcome[0] == "requeued" else "re-queued to run again")
         elif outcome[0] == "lost":
             self.calls.metrics.inc("faas_calls_lost_total")
+            self.calls.ended(call_id)
             LOG.warning("call %s lost: its server %s stopped while running it", call_id, outcome[1])
 
     def consume(self) -> None:
@@ -3132,6 +3145,8 @@ class RedisCalls:
             raise
         if reply[0] != "run":
             slots.release()
+            if reply[0] == "expired":
+                self.calls.ended(call_id)
             return
         raw = reply[1]
         self.calls.start_run(self.decode(dict(zip(raw[::2], raw[1::2]))))
@@ -3209,6 +3224,7 @@ class RedisCalls:
                                                   count=100):
             if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, answer]):
                 self.calls.metrics.inc("faas_calls_final_total", status="expired")
+                self.calls.ended(fields["id"])
 
     def flush_loop(self) -> None:
         while not self.stop.wait(0.05):
@@ -3356,7 +3372,7 @@ class Callbacks:
             state: dict[str, Any] = {"status": "pending", "attempts": 0}
             for attempt in range(1, self.ATTEMPTS + 1):
                 record = self.calls.backend.get(call_id)
-                if record is None:
+                if record is None or not record.get("callback_url"):
                     return
                 state["attempts"] = attempt
                 try:

@@ -416,5 +416,20 @@ def test_callback_redirects_are_not_followed_and_failures_are_retried(hooked, re
     assert final(hooked, submitted(hooked, "echo", 1))["status"] == "ok"
 
 
+def test_a_call_that_ends_without_running_still_calls_back(hooked, receiver):
+    hooked.upload("sleep", "python", SLEEPER)
+    busy = [submitted(hooked, "sleep", {"s": 30}) for _ in range(2)]
+    for call_id in busy:
+        until_status(hooked, call_id, ("running",))
+    url = f"http://127.0.0.1:{receiver.port}/hook/cancelled"
+    queued = submitted(hooked, "sleep", {"s": 0}, callback_url=url)
+    assert assert_ok(hooked.request("DELETE", f"/calls/{queued}"))["status"] == "cancelled"
+    assert callback_state(hooked, queued)["status"] == "delivered"
+    sent = [json.loads(body) for path, _, body in receiver.received if path == "/hook/cancelled"]
+    assert [(c["id"], c["status"]) for c in sent] == [(queued, "cancelled")]
+    for call_id in busy:
+        hooked.request("DELETE", f"/calls/{call_id}")
+
+
 def test_callbacks_are_off_unless_the_operator_allows_them(server, receiver):
     assert_error(submit(server, "echo", 1, callback_url=f"http://127.0.0.1:{receiver.port}/hook"), 400)
