@@ -7,7 +7,7 @@ answers as JSON or as a live Server-Sent-Events stream. Compatible with go-faas'
 and environment variables.
 
 The module reads top to bottom in the order a request flows through it:
-Config -> Store -> Runtimes -> Layers -> Limits -> Sandbox -> Invocation -> HTTP -> CLI.
+Config -> Store -> Runtimes -> Layers -> Limits -> Sandbox -> Invocation -> Calls -> HTTP -> CLI.
 Standard library only; redis-py is imported only when a Redis store is configured.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import hmac
 import http
+import http.client
 import http.server
 import ipaddress
 import json
@@ -160,6 +161,7 @@ class Config:
     limits: str
     esbuild: Path | None
     deps: "DepsConfig"
+    calls: "CallConfig"
     console: bool = True
     secret_key: str | None = None     # FAAS_SECRET_KEY; else <data dir>/secret.key
     network: str = "off"              # FAAS_NETWORK: off, or allow functions that ask for the internet
@@ -229,6 +231,8 @@ class Config:
             esbuild=Path(esbuild),
             console=parse_switch("FAAS_CONSOLE", get("FAAS_CONSOLE", "on")),
             deps=DepsConfig.from_env(get),
+            calls=CallConfig.from_env(get, parse_number("HTTP_PORT", get("HTTP_PORT", "8080"), int, 0, 65535),
+                                      bool(redis_url)),
             secret_key=check_secret_key(get("FAAS_SECRET_KEY")),
             network=check_network_switch(get("FAAS_NETWORK", "off")),
             network_deny=parse_networks("FAAS_NETWORK_DENY", get("FAAS_NETWORK_DENY")),
@@ -3447,6 +3451,7 @@ class RunSlots:
         self.max_runs = max_runs
         self.max_waiting = max_waiting
         self.lock = threading.Lock()
+        self.freed = threading.Condition(self.lock)
         self.active = 0
         self.waiting = 0
         self.rejected = 0
@@ -3470,7 +3475,23 @@ class RunSlots:
     def __exit__(self, *exc: Any) -> None:
         with self.lock:
             self.active -= 1
+            self.freed.notify_all()
         self.semaphore.release()
+
+    def try_acquire(self, timeout: float) -> bool:
+        """A slot for a queued call, without waiting in line or counting a 429; release()s it."""
+        if not self.semaphore.acquire(timeout=timeout):
+            return False
+        with self.lock:
+            self.active += 1
+        return True
+
+    release = __exit__
+
+    def wait_free(self, timeout: float) -> bool:
+        """Whether a slot is free, waiting up to `timeout` seconds for one (without taking it)."""
+        with self.lock:
+            return self.freed.wait_for(lambda: self.active < self.max_runs, timeout)
 
 
 class SizedCache:
@@ -3505,10 +3526,11 @@ class Invoker:
     """The one path every call takes: code -> slot -> sandbox -> events."""
 
     def __init__(self, config: Config, store: Store, sandbox: Sandbox, pool: Pool, metrics: Metrics,
-                 layers: Layers, network_pool: Pool | None = None) -> None:
+                 layers: Layers, secrets: "Secrets", network_pool: Pool | None = None) -> None:
         self.config = config
         self.store = store
         self.layers = layers
+        self.secrets = secrets
         self.sandbox = sandbox
         self.pool = pool
         self.network_pool = network_pool
@@ -3574,15 +3596,33 @@ class Invoker:
             raise ApiError(404, f"function '{path}' has no version {version}")
         return found
 
+    def needs(self, version: Version) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a stored version needs to run on this server, settled before it takes a slot:
+        the operator's leave to use the internet, its libraries' layer (built here first if
+        this node lacks it, which is not charged to the timeout), its function's secrets.
+        Returns invoke's keyword arguments and the answer's extra fields."""
+        if version.network == "internet" and self.config.network != "allow":
+            raise ApiError(403, f"version {version.version} of '{version.path}' uses the internet, but network "
+                                "access is disabled on this server (FAAS_NETWORK=off); the operator must set "
+                                "FAAS_NETWORK=allow, or upload a version without network", reason="network_disabled")
+        extra: dict[str, Any] = {}
+        if version.deps:
+            layer = self.layers.ensure(version.deps)
+            if not layer.cached:
+                extra["deps_build_ms"] = layer.build_ms
+        return {"deps": version.deps, "env": self.secrets.env(version.path), "network": version.network}, extra
+
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
-               sink: LineSink | None, on_start: Callable[[], None] | None = None,
-               deps: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-               network: str = "none") -> tuple[int, dict[str, Any], Callable[[], None]]:
+               sink: LineSink | None, on_start: Callable[[], None] | None = None, reserved: bool = False,
+               on_sandbox: Callable[[Started], None] | None = None, deps: dict[str, Any] | None = None,
+               env: dict[str, str] | None = None, network: str = "none"
+               ) -> tuple[int, dict[str, Any], Callable[[], None]]:
         """Run one call: (HTTP status, answer, what to do once the answer is sent). `on_start`
         runs once a slot is taken, so a stream only begins when the call will really run
-        (an overloaded server answers 429 as JSON). `deps`: the version's libraries, whose
-        layer exists on this node (Layers.ensure) and is held until the sandbox is gone.
-        `env`: the function's secrets."""
+        (an overloaded server answers 429 as JSON). `reserved`: the caller holds a slot
+        (a queued call); `on_sandbox` gets the sandbox (to kill it when the call is cancelled).
+        `deps`: the version's libraries, whose layer exists on this node (Layers.ensure) and
+        is held until the sandbox is gone. `env`: the function's secrets."""
         request = json.dumps({"code": code, "event": event, "language": runtime.language,
                               **layer_request(deps), **({"env": env} if env else {})}).encode()
         networked = network == "internet"
@@ -3590,10 +3630,10 @@ class Invoker:
         holding = self.layers.using(deps["key"]) if deps else contextlib.nullcontext()
         holding.__enter__()
         try:
-            with self.slots:
+            with contextlib.nullcontext() if reserved else self.slots:
                 if on_start is not None:
                     on_start()
-                outcome = self.run_sandboxed(runtime.argv, request, limits, sink, warm, networked)
+                outcome = self.run_sandboxed(runtime.argv, request, limits, sink, warm, networked, on_sandbox)
         except BaseException:
             holding.__exit__(None, None, None)
             raise
@@ -3616,7 +3656,8 @@ class Invoker:
         return status, answer, after_answer
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits, sink: LineSink | None,
-                      warm: tuple[str, ...] | None = None, networked: bool = False) -> Outcome:
+                      warm: tuple[str, ...] | None = None, networked: bool = False,
+                      on_sandbox: Callable[[Started], None] | None = None) -> Outcome:
         """A pre-started sandbox when the pool has one (for libraries, one that already
         imported the version's libraries first), else a cold one: never a wait. A networked
         call takes one of the networked pool, whose filter must be current."""
@@ -3629,7 +3670,11 @@ class Invoker:
             started = (self.pool.take(warm, limits) if warm else None) or self.pool.take(argv, limits)
         if started is None:
             started = self.sandbox.start([*argv, "--cold"], limits, network=networked)
+            if on_sandbox is not None:
+                on_sandbox(started)
             return self.sandbox.complete(started, request, limits, sink, since=started.born, answer_early=True)
+        if on_sandbox is not None:
+            on_sandbox(started)
         return self.sandbox.complete(started, request, limits, sink, answer_early=True)
 
 
@@ -3637,6 +3682,1553 @@ def first_line_number(message: str) -> int | None:
     """esbuild reports `function.ts:LINE:COL`; our header shares the user's first line."""
     match = re.search(r"function\.ts:(\d+):", message)
     return int(match.group(1)) if match else None
+
+
+# ==========================================================================================
+# 6b. Calls (asynchronous calls with a queryable record)
+# ==========================================================================================
+# Asynchronous calls with a queryable record (research/async.md). The record is the truth:
+# a queue entry only says "someone should look at this call". Every state change of a
+# record is one atomic step (an SQLite statement, a Redis Lua script) that checks the state
+# it expects, so each call ends with exactly one final record, whatever crashes: a late
+# result from a node that lost its call (fenced by owner and attempt) is refused.
+
+CALL_FINAL = ("ok", "error", "timeout", "oom", "output_limit", "killed", "internal",
+              "cancelled", "expired", "lost")
+CALL_STATUSES = ("queued", "running", *CALL_FINAL)
+CALL_CODES = {**STATUS_CODES, "cancelled": 409, "expired": 504, "lost": 502}
+CALL_ID_RE = re.compile(r"[0-9a-f]{32}")
+CALL_EVENTS_MAX = 10000   # printed lines kept per call (the record's stdout keeps the rest)
+IDEMPOTENCY_KEY_MAX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class CallConfig:
+    """The FAAS_* settings of asynchronous calls and of servers sharing one Redis."""
+    node_id: str
+    lease: float
+    ttl: float
+    max_wait: float
+    retries: int
+    max_queue: int
+    max_age: float
+    spill: bool
+    callback_allow: tuple[str, ...]
+    callback_secret: bytes | None
+
+    @classmethod
+    def from_env(cls, get: Callable[..., str], port: int, redis: bool) -> "CallConfig":
+        ttl = parse_number("FAAS_CALL_TTL", get("FAAS_CALL_TTL", "3600"), float, 1)
+        allow = tuple(p.strip() for p in get("FAAS_CALLBACK_ALLOW").split(",") if p.strip())
+        for prefix in allow:
+            parts = urllib.parse.urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"FAAS_CALLBACK_ALLOW: {prefix!r} is not an http(s) URL prefix")
+        secret = get("FAAS_CALLBACK_SECRET")
+        if allow and not secret:
+            raise ConfigError("FAAS_CALLBACK_ALLOW is set but FAAS_CALLBACK_SECRET is not: callbacks are signed")
+        node_id = get("FAAS_NODE_ID") or f"{socket.gethostname()}:{port}"
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", node_id):
+            raise ConfigError(f"FAAS_NODE_ID={node_id!r} must be 1-100 of letters, digits, '.', '_', ':' or '-'")
+        return cls(
+            node_id=node_id,
+            lease=parse_number("FAAS_NODE_LEASE", get("FAAS_NODE_LEASE", "15"), float, 1, 3600),
+            ttl=ttl,
+            max_wait=parse_number("FAAS_MAX_WAIT", get("FAAS_MAX_WAIT", "60"), float, 0, 3600),
+            retries=parse_number("FAAS_ASYNC_RETRIES", get("FAAS_ASYNC_RETRIES", "1"), int, 0, 10),
+            max_queue=parse_number("FAAS_ASYNC_MAX_QUEUE", get("FAAS_ASYNC_MAX_QUEUE", "10000"), int, 1),
+            max_age=min(ttl, parse_number("FAAS_ASYNC_MAX_AGE", get("FAAS_ASYNC_MAX_AGE", str(ttl)), float, 0.1)),
+            spill=redis and get("FAAS_SPILL", "1") not in ("0", "false", "no"),
+            callback_allow=allow,
+            callback_secret=callback_key(secret) if secret else None,
+        )
+
+
+def callback_key(secret: str) -> bytes:
+    """Standard Webhooks secrets are `whsec_<base64>`; any other text is used as it is."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            raise ConfigError("FAAS_CALLBACK_SECRET starts with whsec_ but is not base64") from None
+    return secret.encode()
+
+
+def new_call_id() -> str:
+    return uuid.uuid4().hex
+
+
+def retries_for(version: Version, configured: int) -> int:
+    """A re-run after a node loss repeats the function's effects: a function with network
+    access (whose effects may be outside) is never re-run."""
+    return 0 if version.network == "internet" else configured
+
+
+def event_key(event_id: str) -> tuple[int, int]:
+    """Event ids are `<attempt>-<sequence>`, increasing across the attempts of a call."""
+    attempt, _, seq = event_id.partition("-")
+    try:
+        return int(attempt), int(seq or 0)
+    except ValueError:
+        return 0, 0
+
+
+def final_answer(status: str, message: str) -> dict[str, Any]:
+    """The answer of a call that ended without a run of its own (cancelled, expired, lost)."""
+    return {"http": CALL_CODES[status], "error": message, "status": status}
+
+
+def final_event(record: dict[str, Any]) -> dict[str, Any]:
+    """The last SSE event of a call: the same `result`/`error` event a sync stream ends with."""
+    answer = dict(record.get("answer") or {})
+    code = answer.pop("http", 500)
+    for field in ("stdout", "stderr"):
+        answer.pop(field, None)
+    answer.update(id=record["id"], node=record.get("node"), attempt=record.get("attempt"))
+    if code == 200:
+        return {"event": "result", **answer}
+    message = answer.pop("error", record["status"])
+    return {"event": "error", "data": message, "type": "text", **answer}
+
+
+def call_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as GET /calls/<id> shows it: the sync answer's fields once it has ended."""
+    view = {key: record.get(key) for key in ("id", "kind", "path", "version", "status", "attempt", "node",
+                                             "created", "started", "finished")}
+    view["queue_ms"] = int((record["started"] - record["created"]) * 1000) if record.get("started") else None
+    view["status_url"] = f"/calls/{record['id']}"
+    view["events_url"] = f"/calls/{record['id']}/events"
+    if record.get("callback_url"):
+        view["callback"] = {"url": record["callback_url"], **(record.get("callback") or {})}
+    answer = dict(record.get("answer") or {})
+    answer.pop("http", None)
+    answer.pop("status", None)
+    view.update(answer)
+    return view
+
+
+class RunningCall:
+    """A call this server is running now: its printed lines (for followers and for the
+    record) and the sandbox to kill when it is cancelled."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.id = record["id"]
+        self.attempt = int(record["attempt"])
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.unflushed: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.flush_lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.sandbox: Started | None = None
+        self.cancelled = False
+        self.done = False
+
+    def sink(self, stream: str, line: str) -> None:
+        data, kind = parse_printed(line)
+        with self.lock:
+            if len(self.events) >= CALL_EVENTS_MAX:
+                return
+            entry = (f"{self.attempt}-{len(self.events) + 1}",
+                     {"event": "log", "data": data, "type": kind, "stream": stream})
+            self.events.append(entry)
+            self.unflushed.append(entry)
+            self.changed.notify_all()
+
+    def take_unflushed(self) -> list[tuple[str, dict[str, Any]]]:
+        with self.lock:
+            taken, self.unflushed = self.unflushed, []
+            return taken
+
+    def after(self, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]:
+        """Events after `cursor`, waiting up to `wait` seconds for one."""
+        mark = event_key(cursor) if cursor else (0, 0)
+        with self.lock:
+            found = [e for e in self.events if event_key(e[0]) > mark]
+            if not found and not self.done and wait > 0:
+                self.changed.wait(wait)
+                found = [e for e in self.events if event_key(e[0]) > mark]
+            return found
+
+    def on_sandbox(self, started: Started) -> None:
+        with self.lock:
+            self.sandbox = started
+            cancelled = self.cancelled
+        if cancelled:
+            self.kill()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+        self.kill()
+
+    def kill(self) -> None:
+        with self.lock:
+            started = self.sandbox
+        if started is not None:
+            started.cgroup.kill()
+            with contextlib.suppress(OSError):
+                started.proc.kill()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
+            self.changed.notify_all()
+
+
+class Waiters:
+    """In-process wake-ups for callers waiting on a call's record (GET ?wait, Prefer: wait,
+    a spilled sync call, an event follower). Who changes a record (this process, or a
+    completion read from Redis) calls notify(id); the waiter then re-reads the record."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: dict[str, list[threading.Event]] = {}
+
+    def register(self, call_id: str) -> threading.Event:
+        event = threading.Event()
+        with self.lock:
+            self.events.setdefault(call_id, []).append(event)
+        return event
+
+    def unregister(self, call_id: str, event: threading.Event) -> None:
+        with self.lock:
+            events = self.events.get(call_id, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self.events.pop(call_id, None)
+
+    def notify(self, call_id: str) -> None:
+        with self.lock:
+            for event in self.events.get(call_id, ()):
+                event.set()
+
+
+def is_final(record: dict[str, Any]) -> bool:
+    return record["status"] in CALL_FINAL
+
+
+class Calls:
+    """Submits, runs, waits for, follows and cancels calls on either store. Each server
+    consumes queued calls with its free run slots through the same Invoker as a sync call."""
+
+    def __init__(self, config: Config, store: Store, invoker: Invoker, metrics: Metrics) -> None:
+        self.config = config.calls
+        self.invoker = invoker
+        self.metrics = metrics
+        self.waiters = Waiters()
+        self.owner = f"{self.config.node_id}/{uuid.uuid4().hex[:12]}"   # node and incarnation
+        self.running: dict[str, RunningCall] = {}
+        self.cancel_requested: set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.spilling = 0
+        self.callbacks = Callbacks(self.config, self)
+        # Both backends answer submit, get, stored_events, finish, cancel, list,
+        # set_callback and queue_state alike; queue consumption differs.
+        self.backend: SQLiteCalls | RedisCalls
+        if isinstance(store, RedisStore):
+            self.backend = RedisCalls(store, config, self)
+        else:
+            self.backend = SQLiteCalls(store, self.config, self.waiters)  # type: ignore[arg-type]
+
+    @property
+    def node(self) -> str:
+        return self.config.node_id
+
+    def start(self) -> None:
+        """Recover what a previous run of this server left, then consume the queue."""
+        if isinstance(self.backend, SQLiteCalls):
+            requeued, lost = self.backend.recover()
+            if requeued or lost:
+                LOG.warning("calls running when the server stopped: %d re-queued, %d lost", requeued, len(lost))
+                self.metrics.inc("faas_calls_redelivered_total", requeued)
+                self.metrics.inc("faas_calls_lost_total", len(lost))
+            for call_id in lost:
+                self.ended(call_id)
+            self.backend.queued.set()
+            self.spawn(self.consume_sqlite, "calls-consumer")
+        else:
+            self.backend.start()
+
+    def spawn(self, target: Callable[[], None], name: str) -> None:
+        """A background loop, restarted (after a pause) if it fails unexpectedly."""
+        def guarded() -> None:
+            while True:
+                try:
+                    return target()
+                except Exception as error:
+                    LOG.error("%s failed, restarting it in 1 s: %r", name, error)
+                    time.sleep(1)
+        threading.Thread(target=guarded, name=name, daemon=True).start()
+
+    # -- submitting ---------------------------------------------------------------------------
+    def submit(self, kind: str, version: Version, event: Any, limits: Limits, retries: int,
+               idempotency: tuple[str, str] | None = None, callback_url: str | None = None,
+               max_age: float | None = None) -> tuple[dict[str, Any], bool]:
+        """Queue a call; (record, replayed). `idempotency` is (scoped key, body hash)."""
+        record = {"id": new_call_id(), "kind": kind, "path": version.path, "version": version.version,
+                  "status": "queued", "request": {"input": event, "limits": dataclasses.asdict(limits)},
+                  "attempt": 0, "max_attempts": 1 + retries, "callback_url": callback_url,
+                  "idem": idempotency[0] if idempotency else None,
+                  "body_hash": idempotency[1] if idempotency else None,
+                  "max_age": self.config.max_age if max_age is None else max_age}
+        record, replayed = self.backend.submit(record, self.config.max_queue)
+        if replayed:
+            if idempotency and record.get("body_hash") != idempotency[1]:
+                raise ApiError(422, "this Idempotency-Key was used with a different request body",
+                               id=record["id"])
+        else:
+            self.metrics.inc("faas_async_submitted_total", kind=kind)
+        return record, replayed
+
+    # -- running ------------------------------------------------------------------------------
+    def consume_sqlite(self) -> None:
+        """Take queued calls while a run slot is free; woken by submit, never polling. The
+        wait's timeout only paces the expiry and retention sweeps."""
+        backend: SQLiteCalls = self.backend
+        slots = self.invoker.slots
+        last_expiry = last_sweep = 0.0
+        while not self.stopping.is_set():
+            woken = backend.queued.wait(1.0)
+            if time.monotonic() - last_expiry >= 1:
+                last_expiry = time.monotonic()
+                for call_id in backend.expire_queued():
+                    self.ended(call_id)
+                if last_expiry - last_sweep > 60:
+                    last_sweep = last_expiry
+                    backend.sweep()
+            if not woken:
+                continue
+            if not slots.try_acquire(0.5):
+                continue
+            if self.stopping.is_set():
+                slots.release()
+                break
+            backend.queued.clear()
+            try:
+                record = backend.claim(self.node, self.owner)
+            except Exception:
+                slots.release()
+                LOG.exception("claiming a queued call failed")
+                time.sleep(1)
+                continue
+            if record is None:
+                slots.release()
+                continue
+            backend.queued.set()   # there may be more
+            self.start_run(record)
+
+    def start_run(self, record: dict[str, Any]) -> None:
+        """Run a claimed call in its own thread; the caller has taken a run slot for it."""
+        running = RunningCall(record)
+        with self.lock:
+            self.running[running.id] = running
+            cancelled = running.id in self.cancel_requested
+        if cancelled:
+            running.cancel()
+        threading.Thread(target=self.execute, args=(running,), name=f"call-{running.id[:8]}", daemon=True).start()
+
+    def execute(self, running: RunningCall) -> None:
+        record = running.record
+        self.metrics.observe("faas_call_queue_wait_seconds", max(0.0, record["started"] - record["created"]))
+        after_answer: Callable[[], None] = lambda: None
+        try:
+            version = self.invoker.resolve(record["path"], record["version"])
+            limits = Limits(**record["request"]["limits"])
+            needs, extra = self.invoker.needs(version)
+            code, answer, after_answer = self.invoker.invoke(
+                record["path"], RUNTIMES[version.language], version.runnable, record["request"]["input"],
+                limits, running.sink, reserved=True, on_sandbox=running.on_sandbox, **needs)
+            answer = {"http": code, **answer, **extra, "version": version.version}
+        except ApiError as error:   # the version was deleted after the call was queued
+            answer = {"http": error.status, "error": error.message, "status": "error"}
+        except Exception:
+            LOG.exception("call %s failed to run", running.id)
+            answer = final_answer("internal", "the server failed to run the call; see its log")
+        finally:
+            self.invoker.slots.release()
+        if running.cancelled:
+            answer = {key: value for key, value in answer.items() if key not in ("data", "type")}
+            answer.update(final_answer("cancelled", "the call was cancelled while it ran"))
+        try:
+            self.finish(running, answer)
+        finally:
+            running.finish()
+            with self.lock:
+                self.running.pop(running.id, None)
+                self.cancel_requested.discard(running.id)
+            after_answer()
+
+    def finish(self, running: RunningCall, answer: dict[str, Any]) -> None:
+        """The fenced final write, retried while the store is unreachable."""
+        status = answer["status"]
+        deadline = time.monotonic() + max(60.0, self.config.lease * 4)
+        while True:
+            try:
+                written = self.backend.finish(running, status, answer)
+                break
+            except Exception as error:
+                if not is_store_error(error) or time.monotonic() > deadline:
+                    LOG.error("call %s: its result could not be stored: %s", running.id, error)
+                    return
+                time.sleep(0.5)
+        if not written:
+            LOG.warning("call %s attempt %d: late result refused (the call was taken over or ended)",
+                        running.id, running.attempt)
+            self.metrics.inc("faas_calls_refused_total")
+            return
+        self.metrics.inc("faas_calls_final_total", status=status)
+        if running.record.get("callback_url"):
+            self.callbacks.schedule(running.id)
+
+    def ended(self, call_id: str) -> None:
+        """A call ended without a run of this server's (cancelled, expired, lost): its
+        callback, when it asked for one."""
+        if self.config.callback_allow:
+            self.callbacks.schedule(call_id)
+
+    # -- waiting, following, cancelling -------------------------------------------------------
+    def get(self, call_id: str) -> dict[str, Any]:
+        record = self.backend.get(call_id) if CALL_ID_RE.fullmatch(call_id) else None
+        if record is None:
+            raise ApiError(404, f"no call {call_id} (unknown, or past its retention of {self.config.ttl:g} s)")
+        return record
+
+    def wait(self, call_id: str, until: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+        """The record once `until(record)` holds, or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.waiters.register(call_id)
+            try:
+                record = self.backend.get(call_id)
+                remaining = deadline - time.monotonic()
+                if record is None or until(record) or remaining <= 0:
+                    return record
+                event.wait(min(remaining, 1.0))   # a re-read each second covers a lost wake-up
+            finally:
+                self.waiters.unregister(call_id, event)
+
+    def follow(self, call_id: str, cursor: str | None, status_events: bool = True
+               ) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """(event id, event) of a call: its status, the lines it printed after `cursor`
+        (replayed, then as they come), and finally the same result/error event a sync stream
+        ends with."""
+        record = self.get(call_id)
+        if status_events:
+            yield None, self.status_event(record)
+        seen = record["status"]
+        while True:
+            final = is_final(record)
+            running = self.running.get(call_id)
+            if running is not None:
+                events = running.after(cursor, 0.5)
+            else:
+                events = self.backend.stored_events(call_id, cursor, 0 if final else 0.5)
+                if not events and not final and isinstance(self.backend, SQLiteCalls):
+                    self.wait(call_id, lambda r: r["status"] != seen, 0.5)
+            for event_id, event in events:
+                cursor = event_id
+                yield event_id, event
+            if final and running is None:
+                yield None, final_event(record)
+                return
+            fresh = self.backend.get(call_id)
+            if fresh is None:
+                return
+            record = fresh
+            if status_events and record["status"] != seen and not is_final(record):
+                yield None, self.status_event(record)
+            seen = record["status"]
+
+    @staticmethod
+    def status_event(record: dict[str, Any]) -> dict[str, Any]:
+        return {"event": "status", "id": record["id"], "status": record["status"], "node": record.get("node"),
+                "attempt": record.get("attempt")}
+
+    def cancel(self, call_id: str) -> dict[str, Any]:
+        self.get(call_id)
+        outcome, record = self.backend.cancel(call_id)
+        if outcome == "none" or record is None:
+            raise ApiError(404, f"no call {call_id}")
+        if outcome == "final":
+            raise ApiError(409, f"the call has already ended: {record['status']}", call_status=record["status"])
+        if outcome == "cancelled":
+            self.ended(call_id)
+        if outcome == "cancelling":
+            self.cancel_local(call_id)
+            record = self.wait(call_id, is_final, 10) or record
+        return record
+
+    def cancel_local(self, call_id: str) -> None:
+        with self.lock:
+            self.cancel_requested.add(call_id)
+            running = self.running.get(call_id)
+        if running is not None:
+            running.cancel()
+
+    # -- sync overflow ------------------------------------------------------------------------
+    def should_spill(self) -> bool:
+        slots = self.invoker.slots
+        return self.config.spill and not self.stopping.is_set() and slots.active >= slots.max_runs
+
+    def spill(self, version: Version, event: Any, limits: Limits) -> dict[str, Any]:
+        """A sync call this full server cannot start: queued for any server with a free
+        slot. Its record once started, or 429 if none started it within FAAS_QUEUE_TIMEOUT."""
+        with self.lock:
+            if self.spilling >= self.invoker.config.max_queue:
+                raise ApiError(429, f"all {self.invoker.slots.max_runs} run slots are busy; retry shortly",
+                               headers={"Retry-After": "1"})
+            self.spilling += 1
+        try:
+            wait = self.invoker.config.queue_timeout
+            record, _ = self.submit("sync", version, event, limits, 0, max_age=wait)
+            started = self.wait(record["id"], lambda r: r["status"] != "queued", wait + 0.2)
+            if started is None or started["status"] == "queued":
+                _, started = self.backend.cancel(record["id"])   # never starts later
+            if started is None or started["status"] in ("cancelled", "expired"):
+                self.metrics.inc("faas_spilled_total", outcome="rejected")
+                raise ApiError(429, "all run slots of every server are busy; retry shortly",
+                               headers={"Retry-After": "1"})
+            self.metrics.inc("faas_spilled_total", outcome="started")
+            return started
+        finally:
+            with self.lock:
+                self.spilling -= 1
+
+    # -- state --------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"node": self.node, "store": self.backend.kind, "running": len(self.running),
+                                 "draining": self.stopping.is_set()}
+        try:
+            state["queue"] = self.backend.queue_state()
+            if isinstance(self.backend, RedisCalls):
+                state.update(self.backend.health())
+        except Exception as error:   # the store is down: /healthz says so elsewhere
+            state["queue"] = {"error": str(error)}
+        return state
+
+    def nodes(self) -> list[dict[str, Any]]:
+        if isinstance(self.backend, RedisCalls):
+            return self.backend.nodes()
+        return [self.node_state()]
+
+    def node_state(self) -> dict[str, Any]:
+        slots = self.invoker.slots
+        return {"id": self.node, "incarnation": self.owner.split("/")[1], "max_runs": slots.max_runs,
+                "active": slots.active, "waiting": slots.waiting, "running_calls": len(self.running),
+                "draining": self.stopping.is_set(), "pid": os.getpid()}
+
+    def stop_taking(self) -> None:
+        self.stopping.set()
+
+    def drain(self, deadline: float) -> None:
+        """After stop_taking: wait for the calls running here (close() then leaves the cluster)."""
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.running:
+            LOG.warning("stopping with %d calls still running", len(self.running))
+        self.callbacks.stop()
+
+    def close(self) -> None:
+        """Stop the background loops and, on Redis, give up this server's lease at once."""
+        self.stopping.set()
+        if isinstance(self.backend, RedisCalls):
+            self.backend.leave()
+
+
+# ==========================================================================================
+# 6c. Calls on SQLite (one server)
+# ==========================================================================================
+
+class SQLiteCalls:
+    """Calls in the function store's SQLite file: a `calls` table is record and queue at
+    once. A call is claimed by one UPDATE ... RETURNING; the consumer is woken by an
+    in-process event when a call is queued, never by polling. One server per file."""
+    kind = "sqlite"
+    durable = True
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS calls (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL, version INTEGER,
+            status TEXT NOT NULL, request TEXT NOT NULL, answer TEXT, events TEXT,
+            node TEXT, owner TEXT, attempt INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+            idem TEXT UNIQUE, body_hash TEXT, callback_url TEXT, callback TEXT,
+            created REAL NOT NULL, started REAL, finished REAL, deadline REAL NOT NULL,
+            expires REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS calls_queue ON calls (created) WHERE status = 'queued';
+        CREATE INDEX IF NOT EXISTS calls_expires ON calls (expires);
+        CREATE INDEX IF NOT EXISTS calls_created ON calls (created);
+    """
+    COLUMNS = ("id", "kind", "path", "version", "status", "request", "answer", "events", "node", "owner",
+               "attempt", "max_attempts", "idem", "body_hash", "callback_url", "callback", "created",
+               "started", "finished", "deadline", "expires")
+    JSON_COLUMNS = ("request", "answer", "events", "callback")
+
+    def __init__(self, store: SQLiteStore, config: CallConfig, waiters: Waiters) -> None:
+        self.store = store
+        self.config = config
+        self.waiters = waiters
+        self.queued = threading.Event()
+        self.write_lock = threading.Lock()
+        with store.connection() as db:
+            db.executescript(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def writing(self, transaction: bool = False) -> Iterator[sqlite3.Connection]:
+        """The calls' writes one at a time in this process: they wait on a lock, not in
+        SQLite's busy handler, which sleeps milliseconds between its tries."""
+        with self.write_lock, (self.store.transaction() if transaction else self.store.connection()) as db:
+            yield db
+
+    def row_to_record(self, row: tuple) -> dict[str, Any]:
+        record = dict(zip(self.COLUMNS, row))
+        for column in self.JSON_COLUMNS:
+            record[column] = json.loads(record[column]) if record[column] else None
+        return record
+
+    def submit(self, record: dict[str, Any], max_queue: int) -> tuple[dict[str, Any], bool]:
+        now = time.time()
+        record = {**record, "created": now, "deadline": now + record.pop("max_age"),
+                  "expires": now + self.config.ttl}
+        with self.writing(transaction=True) as db:
+            if record.get("idem"):
+                row = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE idem=?",
+                                 (record["idem"],)).fetchone()
+                if row:
+                    return self.row_to_record(row), True
+            depth = db.execute("SELECT count(*) FROM calls WHERE status='queued'").fetchone()[0]
+            if depth >= max_queue:
+                raise ApiError(429, f"{depth} calls are queued (FAAS_ASYNC_MAX_QUEUE); retry later",
+                               headers={"Retry-After": "5"})
+            values = [json.dumps(record[c]) if c in self.JSON_COLUMNS and record.get(c) is not None
+                      else record.get(c) for c in self.COLUMNS]
+            db.execute(f"INSERT INTO calls ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                       values)
+        self.queued.set()
+        return record, False
+
+    def get(self, call_id: str) -> dict[str, Any] | None:
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE id=? AND expires>?",
+                               (call_id, time.time()))
+        return self.row_to_record(rows[0]) if rows else None
+
+    def claim(self, node: str, owner: str) -> dict[str, Any] | None:
+        """The oldest queued call that may still start, now running here (expire_queued
+        marks the others)."""
+        now = time.time()
+        with self.writing() as db:
+            rows = db.execute(
+                f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
+                f"WHERE id = (SELECT id FROM calls WHERE status='queued' AND deadline>=? ORDER BY created LIMIT 1) "
+                f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl, now)).fetchall()
+        return self.row_to_record(rows[0]) if rows else None
+
+    def expire_queued(self) -> list[str]:
+        now = time.time()
+        answer = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
+        with self.writing() as db:
+            ids = [row[0] for row in db.execute(
+                "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
+                "WHERE status='queued' AND deadline<? RETURNING id",
+                (now, answer, now + self.config.ttl, now)).fetchall()]
+        for call_id in ids:
+            self.waiters.notify(call_id)
+        return ids
+
+    def stored_events(self, call_id: str, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]:
+        rows = self.store.rows("SELECT events FROM calls WHERE id=?", (call_id,))
+        events = json.loads(rows[0][0]) if rows and rows[0][0] else []
+        mark = event_key(cursor) if cursor else (0, 0)
+        return [(eid, event) for eid, event in events if event_key(eid) > mark]
+
+    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
+        now = time.time()
+        with self.writing() as db:
+            done = db.execute(
+                "UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
+                "WHERE id=? AND status='running' AND owner=? AND attempt=?",
+                (status, json.dumps(answer), json.dumps(running.events), now, now + self.config.ttl,
+                 running.id, running.record["owner"], running.attempt)).rowcount
+        self.waiters.notify(running.id)
+        return bool(done)
+
+    def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
+        now = time.time()
+        answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
+        with self.writing() as db:
+            cancelled = db.execute(
+                "UPDATE calls SET status='cancelled', finished=?, answer=?, expires=? "
+                "WHERE id=? AND status='queued'", (now, answer, now + self.config.ttl, call_id)).rowcount
+        record = self.get(call_id)
+        if cancelled:
+            self.waiters.notify(call_id)
+            return "cancelled", record
+        if record is None:
+            return "none", None
+        return ("cancelling" if record["status"] == "running" else "final"), record
+
+    def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+        where, params = ["expires>?"], [time.time()]
+        if path:
+            where.append("path=?")
+            params.append(path)
+        if status:
+            where.append("status=?")
+            params.append(status)
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE {' AND '.join(where)} "
+                               f"ORDER BY created DESC LIMIT ?", (*params, limit))
+        return [self.row_to_record(row) for row in rows]
+
+    def set_callback(self, call_id: str, state: dict[str, Any]) -> None:
+        with self.writing() as db:
+            db.execute("UPDATE calls SET callback=? WHERE id=?", (json.dumps(state), call_id))
+
+    def queue_state(self) -> dict[str, Any]:
+        depth, oldest = self.store.rows("SELECT count(*), min(created) FROM calls WHERE status='queued'")[0]
+        return {"depth": depth, "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
+
+    def recover(self) -> tuple[int, list[str]]:
+        """At start: calls the previous process was running are re-queued (attempts left)
+        or lost. Returns (how many were re-queued, the ids of the lost)."""
+        rows = self.store.rows(f"SELECT {', '.join(self.COLUMNS)} FROM calls WHERE status='running'")
+        requeued, lost = 0, []
+        now = time.time()
+        for record in map(self.row_to_record, rows):
+            with self.writing() as db:
+                if record["attempt"] < record["max_attempts"]:
+                    requeued += db.execute("UPDATE calls SET status='queued', node=NULL, owner=NULL, started=NULL "
+                                           "WHERE id=? AND status='running'", (record["id"],)).rowcount
+                else:
+                    answer = final_answer("lost", f"the server ({record['node']}) stopped while running the call")
+                    if db.execute("UPDATE calls SET status='lost', finished=?, answer=?, expires=? "
+                                  "WHERE id=? AND status='running'",
+                                  (now, json.dumps(answer), now + self.config.ttl, record["id"])).rowcount:
+                        lost.append(record["id"])
+        if requeued:
+            self.queued.set()
+        return requeued, lost
+
+    def sweep(self) -> None:
+        """Retention: records past FAAS_CALL_TTL go, in small batches."""
+        with self.writing() as db:
+            db.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE expires<? AND status NOT IN "
+                       "('queued', 'running') LIMIT 500)", (time.time(),))
+
+
+# ==========================================================================================
+# 6d. Calls on Redis (many servers, one queue)
+# ==========================================================================================
+
+LUA_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function fmt(x) return string.format('%.6f', x) end
+local function done(id, status)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'id', id, 'status', status)
+    redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
+"""
+
+
+class RedisCalls:
+    """Calls on Redis, shared by every server of the cluster (research/async.md §4.3):
+    `calls:sync` and `calls:async` are Streams read by the consumer group `nodes` (spilled
+    sync calls first), `call:<id>` is the record (hash), `call:<id>:events` the printed lines
+    (stream, only when the call prints), `calls:done` wakes waiters on every server,
+    `node:<id>` is a server's lease. Every transition is a Lua script that checks the state
+    it expects; times come from Redis' clock; every key of a call carries a TTL."""
+    kind = "redis"
+    GROUP = "nodes"
+    # Every script gets KEYS[1] record, KEYS[2] queue stream, KEYS[3] done stream and
+    # ARGV[1] call id, ARGV[2] group, ARGV[3] ttl.
+    ENQUEUE = LUA_NOW + """
+        if ARGV[5] == '1' then
+            local previous = redis.call('GET', KEYS[5])
+            if previous then return {'replay', previous} end
+        end
+        local depth = 0
+        if redis.call('EXISTS', KEYS[2]) == 1 then
+            depth = redis.call('XLEN', KEYS[2])
+            local ok, pending = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[2])
+            if ok then depth = depth - pending[1] end
+        end
+        if depth >= tonumber(ARGV[4]) then return {'full', tostring(depth)} end
+        local fields = {}
+        for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+        redis.call('HSET', KEYS[1], unpack(fields))
+        local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+        redis.call('HSET', KEYS[1], 'created', fmt(now), 'deadline', fmt(now + tonumber(ARGV[6])),
+                   'entry', entry, 'stream', KEYS[2])
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        redis.call('ZADD', KEYS[4], now, ARGV[1])
+        redis.call('EXPIRE', KEYS[4], ARGV[3])
+        if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
+        return {'ok', fmt(now)}
+    """
+    CLAIM = LUA_NOW + """
+        local function drop() redis.call('XACK', KEYS[2], ARGV[2], ARGV[4]); redis.call('XDEL', KEYS[2], ARGV[4]) end
+        if redis.call('HGET', KEYS[1], 'status') ~= 'queued' or redis.call('HGET', KEYS[1], 'entry') ~= ARGV[4] then
+            drop()
+            return {'skip'}
+        end
+        if now > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
+            drop()
+            redis.call('HSET', KEYS[1], 'status', 'expired', 'finished', fmt(now), 'answer', ARGV[7])
+            redis.call('EXPIRE', KEYS[1], ARGV[3])
+            done(ARGV[1], 'expired')
+            return {'expired'}
+        end
+        redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+        redis.call('HSET', KEYS[1], 'status', 'running', 'node', ARGV[5], 'owner', ARGV[6], 'started', fmt(now))
+        redis.call('HDEL', KEYS[1], 'cancel')
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        if redis.call('HGET', KEYS[1], 'kind') == 'sync' then done(ARGV[1], 'running') end
+        return {'run', redis.call('HGETALL', KEYS[1])}
+    """
+    FINISH = LUA_NOW + """
+        if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4]
+                or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[5] then
+            return 0
+        end
+        local entry = redis.call('HGET', KEYS[1], 'entry')
+        redis.call('HSET', KEYS[1], 'status', ARGV[6], 'answer', ARGV[7], 'finished', fmt(now))
+        redis.call('HDEL', KEYS[1], 'cancel')
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        redis.call('XACK', KEYS[2], ARGV[2], entry)
+        redis.call('XDEL', KEYS[2], entry)
+        if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ARGV[3]) end
+        done(ARGV[1], ARGV[6])
+        return 1
+    """
+    CANCEL = LUA_NOW + """
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if not status then return 'none' end
+        if status == 'queued' then
+            redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', fmt(now), 'answer', ARGV[4])
+            redis.call('EXPIRE', KEYS[1], ARGV[3])
+            done(ARGV[1], 'cancelled')
+            return 'cancelled'
+        end
+        if status == 'running' then
+            redis.call('HSET', KEYS[1], 'cancel', '1')
+            done(ARGV[1], 'cancelling')
+            return 'cancelling'
+        end
+        return 'final'
+    """
+    # A queue entry that stayed unacknowledged for a lease, now held by the caller: the call
+    # was delivered to a node that did not start it (re-queued as it was), or its node
+    # stopped while running it (re-run while attempts are left, else `lost`). A node whose
+    # lease (same incarnation) is still there keeps its call. ARGV[5]: 'release' when a
+    # node hands back an entry it read but cannot start.
+    RECOVER = LUA_NOW + """
+        local function drop() redis.call('XACK', KEYS[2], ARGV[2], ARGV[4]); redis.call('XDEL', KEYS[2], ARGV[4]) end
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if not status or redis.call('HGET', KEYS[1], 'entry') ~= ARGV[4] then drop(); return {'gone'} end
+        if status ~= 'queued' and status ~= 'running' then drop(); return {'final'} end
+        local outcome = 'requeued'
+        if status == 'running' then
+            local owner = redis.call('HGET', KEYS[1], 'owner')
+            local node, incarnation = string.match(owner, '^(.*)/([^/]*)$')
+            local lease = redis.call('GET', ARGV[6] .. 'node:' .. node)
+            if lease and cjson.decode(lease)['incarnation'] == incarnation then return {'alive'} end
+            if tonumber(redis.call('HGET', KEYS[1], 'attempt')) >= tonumber(redis.call('HGET', KEYS[1], 'max_attempts')) then
+                drop()
+                redis.call('HSET', KEYS[1], 'status', 'lost', 'finished', fmt(now), 'answer', cjson.encode(
+                    {http = 502, status = 'lost', error = 'its server (' .. node .. ') stopped while running the call'}))
+                redis.call('EXPIRE', KEYS[1], ARGV[3])
+                done(ARGV[1], 'lost')
+                return {'lost', node}
+            end
+            outcome = 'retry'
+            redis.call('HSET', KEYS[1], 'status', 'queued', 'deadline',
+                       fmt(now + tonumber(redis.call('HGET', KEYS[1], 'max_age'))))
+        elseif ARGV[5] ~= 'release' and redis.call('HINCRBY', KEYS[1], 'deliveries', 1) > 5 then
+            drop()
+            redis.call('HSET', KEYS[1], 'status', 'lost', 'finished', fmt(now), 'answer', cjson.encode(
+                {http = 502, status = 'lost', error = 'delivered to 5 servers that all stopped before starting it'}))
+            redis.call('EXPIRE', KEYS[1], ARGV[3])
+            done(ARGV[1], 'lost')
+            return {'lost', ''}
+        end
+        drop()
+        redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'id', ARGV[1]))
+        return {outcome}
+    """
+    # A queue entry nobody has read yet (ARGV[4]): its call expired while waiting, or was
+    # cancelled. Expired calls end `expired` even when no server reads the queue.
+    SWEEP = LUA_NOW + """
+        if #redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[4], ARGV[4], 1) > 0 then return 0 end
+        local status = redis.call('HGET', KEYS[1], 'status')
+        if redis.call('HGET', KEYS[1], 'entry') ~= ARGV[4] or (status ~= 'queued' and status ~= 'running') then
+            redis.call('XDEL', KEYS[2], ARGV[4])
+            return 0
+        end
+        if status ~= 'queued' or now <= tonumber(redis.call('HGET', KEYS[1], 'deadline')) then return 0 end
+        redis.call('XDEL', KEYS[2], ARGV[4])
+        redis.call('HSET', KEYS[1], 'status', 'expired', 'finished', fmt(now), 'answer', ARGV[5])
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        done(ARGV[1], 'expired')
+        return 1
+    """
+    INT_FIELDS = ("version", "attempt", "max_attempts", "deliveries")
+    FLOAT_FIELDS = ("created", "started", "finished", "deadline", "max_age")
+    JSON_FIELDS = ("request", "answer", "callback")
+    BLOCK_MS = 1000   # below the socket timeout, or a blocked read stalls (research §3.5)
+
+    def __init__(self, store: RedisStore, config: Config, calls: Calls) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        self.calls = calls
+        self.config = config.calls
+        self.prefix = config.redis_prefix
+        timeout = config.redis_timeout
+        # Request paths: one quick retry, so an outage is a 503 at once, not after 4 s.
+        self.redis = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
+                                          health_check_interval=30)
+        self.blocking = redis.Redis.from_url(config.redis_url, decode_responses=True,
+                                             socket_timeout=max(timeout, self.BLOCK_MS / 1000 + 2),
+                                             socket_connect_timeout=timeout, health_check_interval=30)
+        self.streams = {"sync": self.key("calls:sync"), "async": self.key("calls:async")}
+        self.done_key = self.key("calls:done")
+        self.scripts = {name: self.redis.register_script(getattr(self, name))
+                        for name in ("ENQUEUE", "CLAIM", "FINISH", "CANCEL", "RECOVER", "SWEEP")}
+        self.node_key = self.key(f"node:{self.config.node_id}")
+        self.stop = threading.Event()
+        self.create_groups()
+        self.join()
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def record_key(self, call_id: str) -> str:
+        return self.key(f"call:{call_id}")
+
+    def events_key(self, call_id: str) -> str:
+        return self.key(f"call:{call_id}:events")
+
+    def create_groups(self) -> None:
+        import redis
+        for stream in self.streams.values():
+            try:
+                self.redis.xgroup_create(stream, self.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+    # -- records ------------------------------------------------------------------------------
+    def encode(self, record: dict[str, Any]) -> list[str]:
+        fields: list[str] = []
+        for name, value in record.items():
+            if value is None or name in ("created", "deadline", "entry", "stream"):
+                continue
+            fields += [name, json.dumps(value) if name in self.JSON_FIELDS else str(value)]
+        return fields
+
+    def decode(self, fields: dict[str, str]) -> dict[str, Any]:
+        record: dict[str, Any] = dict(fields)
+        for name in self.INT_FIELDS:
+            if name in record:
+                record[name] = int(record[name])
+        for name in self.FLOAT_FIELDS:
+            if name in record:
+                record[name] = float(record[name])
+        for name in self.JSON_FIELDS:
+            if record.get(name):
+                record[name] = json.loads(record[name])
+        return record
+
+    def run_script(self, name: str, call_id: str, stream: str, extra_keys: list[str], args: list[Any]) -> Any:
+        return self.scripts[name](keys=[self.record_key(call_id), stream, self.done_key, *extra_keys],
+                                  args=[call_id, self.GROUP, int(self.config.ttl), *args])
+
+    def submit(self, record: dict[str, Any], max_queue: int) -> tuple[dict[str, Any], bool]:
+        stream = self.streams[record["kind"]]
+        idem = self.key(f"idem:{record['idem']}") if record.get("idem") else self.key("idem:-")
+        reply = self.run_script("ENQUEUE", record["id"], stream, [self.key("calls:index"), idem],
+                                [max_queue, int(bool(record.get("idem"))), record["max_age"], *self.encode(record)])
+        if reply[0] == "replay":
+            found = self.get(reply[1])
+            if found is None:
+                raise ApiError(409, "this Idempotency-Key belongs to a call that is no longer kept; use a new key")
+            return found, True
+        if reply[0] == "full":
+            raise ApiError(429, f"{reply[1]} calls are queued (FAAS_ASYNC_MAX_QUEUE); retry later",
+                           headers={"Retry-After": "5"})
+        created = float(reply[1])
+        return {**record, "created": created, "deadline": created + record["max_age"], "stream": stream}, False
+
+    def get(self, call_id: str) -> dict[str, Any] | None:
+        fields = self.redis.hgetall(self.record_key(call_id))
+        return self.decode(fields) if fields else None
+
+    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
+        self.flush(running)
+        record = running.record
+        return bool(self.run_script("FINISH", running.id, record["stream"], [self.events_key(running.id)],
+                                    [record["owner"], running.attempt, status, json.dumps(answer)]))
+
+    def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
+        answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
+        outcome = self.run_script("CANCEL", call_id, self.streams["async"], [], [answer])
+        return outcome, self.get(call_id)
+
+    def list(self, path: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        index = self.key("calls:index")
+        offset = 0
+        while len(found) < limit:
+            ids = self.redis.zrevrange(index, offset, offset + 199)
+            if not ids:
+                break
+            offset += len(ids)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for call_id in ids:
+                    pipe.hgetall(self.record_key(call_id))
+                records = [self.decode(fields) for fields in pipe.execute() if fields]
+            found += [r for r in records if (not path or r.get("path") == path)
+                      and (not status or r.get("status") == status)]
+        return found[:limit]
+
+    def set_callback(self, call_id: str, state: dict[str, Any]) -> None:
+        key = self.record_key(call_id)
+        if self.redis.exists(key):   # never re-creates a record that expired
+            self.redis.hset(key, "callback", json.dumps(state))
+
+    # -- events -------------------------------------------------------------------------------
+    def stored_events(self, call_id: str, cursor: str | None, wait: float) -> list[tuple[str, dict[str, Any]]]:
+        key = self.events_key(call_id)
+        if wait > 0:
+            reply = self.blocking.xread({key: cursor or "0-0"}, count=500, block=int(wait * 1000))
+            entries = reply[0][1] if reply else []
+        else:
+            entries = self.redis.xrange(key, f"({cursor}" if cursor else "-", "+", count=CALL_EVENTS_MAX)
+        return [(entry_id, json.loads(fields["e"])) for entry_id, fields in entries]
+
+    def flush(self, running: RunningCall) -> None:
+        """Printed lines of a running call to its event stream, in one round trip. The ids
+        carry the attempt, so a late writer of an earlier attempt is refused by Redis."""
+        with running.flush_lock:
+            events = running.take_unflushed()
+            if not events:
+                return
+            key = self.events_key(running.id)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for event_id, event in events:
+                    pipe.xadd(key, {"e": json_bytes(event)}, id=event_id)
+                pipe.expire(key, int(self.config.ttl))
+                for result in pipe.execute(raise_on_error=False):
+                    if isinstance(result, Exception):
+                        LOG.debug("call %s: event refused: %s", running.id, result)
+
+    # -- the node -----------------------------------------------------------------------------
+    def lease_value(self) -> str:
+        return json.dumps({**self.calls.node_state(), "incarnation": self.calls.owner.split("/")[1],
+                           "version": 1, "last_seen": time.time()})
+
+    def join(self) -> None:
+        """Take this node's lease. A lease left by a crashed predecessor of the same
+        FAAS_NODE_ID expires within one lease; a live one means a duplicate id."""
+        lease_ms = int(self.config.lease * 1000)
+        deadline = time.monotonic() + self.config.lease + 1
+        while not self.redis.set(self.node_key, self.lease_value(), nx=True, px=lease_ms):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"another server holds the lease of node {self.config.node_id!r} "
+                                  "(FAAS_NODE_ID must be unique per server)")
+            time.sleep(0.2)
+        self.redis.sadd(self.key("nodes"), self.config.node_id)
+
+    def start(self) -> None:
+        self.recover_own()
+        for target, name in ((self.consume, "calls-consumer"), (self.read_done, "calls-done"),
+                             (self.heartbeat, "calls-heartbeat"), (self.reap, "calls-reaper"),
+                             (self.flush_loop, "calls-events")):
+            self.calls.spawn(target, name)
+
+    def recover_own(self) -> None:
+        """Entries a previous process of this node left pending: recovered at once."""
+        for stream in self.streams.values():
+            pending = self.redis.xpending_range(stream, self.GROUP, "-", "+", 1000, consumername=self.config.node_id)
+            for entry in pending:
+                self.recover(stream, entry["message_id"], "reap")
+
+    def recover(self, stream: str, entry_id: str, mode: str) -> None:
+        fields = self.redis.xrange(stream, entry_id, entry_id)
+        if not fields:
+            self.redis.xack(stream, self.GROUP, entry_id)
+            return
+        call_id = fields[0][1].get("id", "")
+        outcome = self.run_script("RECOVER", call_id, stream, [], [entry_id, mode, self.prefix])
+        if outcome[0] in ("requeued", "retry"):
+            self.calls.metrics.inc("faas_calls_redelivered_total")
+            if mode != "release":
+                LOG.warning("call %s %s (its server stopped)", call_id,
+                            "re-queued before it started" if outcome[0] == "requeued" else "re-queued to run again")
+        elif outcome[0] == "lost":
+            self.calls.metrics.inc("faas_calls_lost_total")
+            self.calls.ended(call_id)
+            LOG.warning("call %s lost: its server %s stopped while running it", call_id, outcome[1])
+
+    def consume(self) -> None:
+        """Read a queued call whenever a run slot is free (spilled sync calls first)."""
+        import redis
+        slots = self.calls.invoker.slots
+        failing = False
+        while not self.calls.stopping.is_set():
+            if not slots.wait_free(1.0):
+                continue
+            try:
+                reply = self.blocking.xreadgroup(self.GROUP, self.config.node_id,
+                                                 {self.streams["sync"]: ">", self.streams["async"]: ">"},
+                                                 count=1, block=self.BLOCK_MS)
+                for stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        self.take(stream, entry_id, fields.get("id", ""))
+                failing = False
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                LOG.warning("the call queue is gone (Redis restarted without persistence?); recreating it")
+                self.create_groups()
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                if not failing:
+                    LOG.error("call queue unreachable: %s", error)
+                failing = True
+                self.calls.stopping.wait(1)
+
+    def take(self, stream: str, entry_id: str, call_id: str) -> None:
+        slots = self.calls.invoker.slots
+        if self.calls.stopping.is_set() or not slots.try_acquire(0.05):
+            self.recover(stream, entry_id, "release")   # another server may start it now
+            return
+        try:
+            reply = self.run_script("CLAIM", call_id, stream, [], [
+                entry_id, self.config.node_id, self.calls.owner,
+                json.dumps(final_answer("expired", "the call was not started within its maximum queued age"))])
+        except BaseException:
+            slots.release()
+            raise
+        if reply[0] != "run":
+            slots.release()
+            if reply[0] == "expired":
+                self.calls.ended(call_id)
+            return
+        raw = reply[1]
+        self.calls.start_run(self.decode(dict(zip(raw[::2], raw[1::2]))))
+
+    def read_done(self) -> None:
+        """Completions from every server wake this server's waiters; a cancel reaches the
+        server running the call."""
+        import redis
+        last = "$"
+        while not self.stop.is_set():
+            try:
+                reply = self.blocking.xread({self.done_key: last}, count=200, block=self.BLOCK_MS)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.stop.wait(0.5)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    call_id = fields.get("id", "")
+                    if fields.get("status") == "cancelling" and call_id in self.calls.running:
+                        self.calls.cancel_local(call_id)
+                    self.calls.waiters.notify(call_id)
+
+    def heartbeat(self) -> None:
+        """Every lease/3: renew the lease, touch the queue entries of running calls (so no
+        reaper takes them: liveness, not run time, decides), pick up missed cancels."""
+        import redis
+        while not self.stop.wait(self.config.lease / 3):
+            try:
+                self.beat()
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                LOG.warning("heartbeat failed: %s", error)
+
+    def beat(self) -> None:
+        running = list(self.calls.running.values())
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.node_key, self.lease_value(), px=int(self.config.lease * 1000))
+            pipe.sadd(self.key("nodes"), self.config.node_id)
+            pipe.expire(self.key("nodes"), int(self.config.lease * 4) + 1)
+            for call in running:
+                pipe.xclaim(call.record["stream"], self.GROUP, self.config.node_id, 0,
+                            [call.record["entry"]], justid=True)
+                pipe.hget(self.record_key(call.id), "cancel")
+            results = pipe.execute()
+        for call, cancel in zip(running, results[4::2]):   # after set, sadd, expire: (xclaim, hget) pairs
+            if cancel == "1" and not call.cancelled:
+                self.calls.cancel_local(call.id)
+
+    def reap(self) -> None:
+        """Every lease/2: entries nobody touched for a lease belong to a stopped server."""
+        import redis
+        while not self.stop.wait(self.config.lease / 2):
+            try:
+                for stream in self.streams.values():
+                    entries = self.redis.xautoclaim(stream, self.GROUP, self.config.node_id,
+                                                    int(self.config.lease * 1000), "0-0", count=100, justid=True)
+                    for entry_id in entries:
+                        self.recover(stream, entry_id, "reap")
+                    self.sweep(stream)
+                self.redis.zremrangebyscore(self.key("calls:index"), "-inf", time.time() - self.config.ttl)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                LOG.warning("reaper: %s", error)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                self.create_groups()
+
+    def sweep(self, stream: str) -> None:
+        """Unread entries: expire the calls that waited too long, drop cancelled ones."""
+        groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
+        if self.GROUP not in groups:
+            return
+        answer = json.dumps(final_answer("expired", "the call was not started within its maximum queued age"))
+        for entry_id, fields in self.redis.xrange(stream, f"({groups[self.GROUP]['last-delivered-id']}", "+",
+                                                  count=100):
+            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, answer]):
+                self.calls.metrics.inc("faas_calls_final_total", status="expired")
+                self.calls.ended(fields["id"])
+
+    def flush_loop(self) -> None:
+        while not self.stop.wait(0.05):
+            for running in list(self.calls.running.values()):
+                try:
+                    self.flush(running)
+                except Exception as error:
+                    LOG.warning("call %s: printed lines not stored yet: %s", running.id, error)
+
+    def leave(self) -> None:
+        """At close (after drain): nothing to hand back (calls are claimed as they are read); drop the lease."""
+        self.stop.set()
+        try:
+            lease = self.redis.get(self.node_key)
+            if lease and json.loads(lease).get("incarnation") == self.calls.owner.split("/")[1]:
+                self.redis.delete(self.node_key)
+            self.redis.srem(self.key("nodes"), self.config.node_id)
+            for stream in self.streams.values():
+                if not self.redis.xpending_range(stream, self.GROUP, "-", "+", 1, consumername=self.config.node_id):
+                    self.redis.xgroup_delconsumer(stream, self.GROUP, self.config.node_id)
+        except Exception as error:
+            LOG.warning("leaving the cluster: %s", error)
+
+    # -- state --------------------------------------------------------------------------------
+    def queue_state(self) -> dict[str, Any]:
+        now = self.redis.time()
+        now_ms = now[0] * 1000 + now[1] // 1000
+        depth, oldest = 0, 0.0
+        for stream in self.streams.values():
+            groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
+            group = groups.get(self.GROUP)
+            if group is None:
+                continue
+            depth += self.redis.xlen(stream) - group["pending"]
+            head = self.redis.xrange(stream, f"({group['last-delivered-id']}", "+", count=1)
+            if head:
+                oldest = max(oldest, (now_ms - int(head[0][0].split("-")[0])) / 1000)
+        return {"depth": max(depth, 0), "oldest_queued_s": round(oldest, 3)}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        ids = sorted(self.redis.smembers(self.key("nodes")))
+        leases = self.redis.mget([self.key(f"node:{node}") for node in ids]) if ids else []
+        found = []
+        for node, lease in zip(ids, leases):
+            if lease is None:
+                self.redis.srem(self.key("nodes"), node)
+                continue
+            state = json.loads(lease)
+            state["last_seen_ms"] = int((time.time() - state.pop("last_seen", time.time())) * 1000)
+            found.append(state)
+        return found
+
+    def health(self) -> dict[str, Any]:
+        persistence = self.redis.info("persistence")
+        memory = self.redis.info("memory")
+        policy = memory.get("maxmemory_policy", "")
+        warnings = []
+        if not persistence.get("aof_enabled"):
+            warnings.append("Redis runs without appendonly: a restart loses queued and running calls "
+                            "(set appendonly yes)")
+        if str(policy).startswith("allkeys-"):
+            warnings.append(f"Redis maxmemory-policy is {policy}: it may evict queued calls and functions "
+                            "(use noeviction or volatile-lru)")
+        return {"queue_durable": bool(persistence.get("aof_enabled")), "redis_aof": bool(persistence.get("aof_enabled")),
+                "redis_maxmemory_policy": policy, "nodes_alive": len(self.nodes()), "warnings": warnings}
+
+
+# ==========================================================================================
+# 6e. Callbacks and the HTTP side of calls
+# ==========================================================================================
+
+class PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was checked, whatever the name resolves to now."""
+
+    def __init__(self, host: str, port: int | None, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int | None, address: str, timeout: float) -> None:
+        import ssl
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+class Callbacks:
+    """POSTs a finished call's record to the URL given at submit: off unless the operator
+    listed URL prefixes (FAAS_CALLBACK_ALLOW). The address is resolved and checked on every
+    attempt (loopback, private and shared ranges only when a listed prefix names that very
+    address; link-local never), redirects are not followed, every delivery is signed as
+    Standard Webhooks specify, and tried 3 times with backoff."""
+    ATTEMPTS = 3
+    TIMEOUT = 5.0
+
+    def __init__(self, config: CallConfig, calls: Calls) -> None:
+        self.config = config
+        self.calls = calls
+        self.backoff = float(os.environ.get("FAAS_CALLBACK_BACKOFF", "1") or 1)
+        self.slots = threading.BoundedSemaphore(16)
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def check(self, url: Any) -> str:
+        """The callback URL of a submit, or a 400 saying why not."""
+        if not self.config.callback_allow:
+            raise ApiError(400, "callbacks are off on this server (the operator has not set FAAS_CALLBACK_ALLOW)")
+        if not isinstance(url, str) or len(url) > 2000:
+            raise ApiError(400, "callback_url must be a URL string of at most 2000 characters")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+            raise ApiError(400, "callback_url must be an http(s) URL without user information")
+        if not self.allowed_prefixes(url):
+            raise ApiError(400, "callback_url is not under a prefix the operator allowed (FAAS_CALLBACK_ALLOW)")
+        return url
+
+    def allowed_prefixes(self, url: str) -> list[str]:
+        return [prefix for prefix in self.config.callback_allow
+                if url.startswith(prefix) and (len(url) == len(prefix) or prefix.endswith("/")
+                                               or url[len(prefix)] in "/?#")]
+
+    def address_allowed(self, url: str, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+            return False
+        if ip.is_global:
+            return True
+        listed = {urllib.parse.urlsplit(prefix).hostname for prefix in self.allowed_prefixes(url)}
+        return address in listed   # a private or loopback target only when named by address
+
+    def schedule(self, call_id: str) -> None:
+        threading.Thread(target=self.deliver, args=(call_id,), name=f"callback-{call_id[:8]}", daemon=True).start()
+
+    def deliver(self, call_id: str) -> None:
+        with self.slots:
+            state: dict[str, Any] = {"status": "pending", "attempts": 0}
+            for attempt in range(1, self.ATTEMPTS + 1):
+                record = self.calls.backend.get(call_id)
+                if record is None or not record.get("callback_url"):
+                    return
+                state["attempts"] = attempt
+                try:
+                    code = self.post(record)
+                    state.update(status="delivered" if 200 <= code < 300 else "failed", response_status=code)
+                    state.pop("error", None)
+                    if 300 <= code < 400:
+                        state["error"] = "the receiver answered with a redirect, which is not followed"
+                except (OSError, ValueError, http.client.HTTPException) as error:
+                    state.update(status="failed", error=str(error)[:300])
+                state["status"] = state["status"] if state["status"] == "delivered" else \
+                    ("failed" if attempt == self.ATTEMPTS else "retrying")
+                self.calls.metrics.inc("faas_callbacks_total", result=state["status"])
+                try:
+                    self.calls.backend.set_callback(call_id, state)
+                except Exception as error:
+                    LOG.warning("call %s: callback state not stored: %s", call_id, error)
+                if state["status"] == "delivered" or self.stopping.wait(self.backoff * 5 ** (attempt - 1)):
+                    return
+            LOG.warning("call %s: callback to %s failed after %d attempts: %s", call_id,
+                        record.get("callback_url"), self.ATTEMPTS, state.get("error") or state.get("response_status"))
+
+    def post(self, record: dict[str, Any]) -> int:
+        url = record["callback_url"]
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
+        usable = [address for address in addresses if self.address_allowed(url, address)]
+        if not usable:
+            raise ValueError(f"{parts.hostname} resolves to {', '.join(addresses) or 'nothing'}: "
+                             "not an address callbacks may reach")
+        connection_type = PinnedHTTPSConnection if parts.scheme == "https" else PinnedHTTPConnection
+        connection = connection_type(parts.hostname, parts.port, usable[0], self.TIMEOUT)
+        body = json_bytes(call_view(record))
+        timestamp = str(int(time.time()))
+        signature = base64.b64encode(hmac.new(self.config.callback_secret or b"",
+                                              f"{record['id']}.{timestamp}.".encode() + body,
+                                              hashlib.sha256).digest()).decode()
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        try:
+            connection.request("POST", target, body=body, headers={
+                "Content-Type": "application/json", "User-Agent": "faas", "X-Faas-Call-Id": record["id"],
+                "webhook-id": record["id"], "webhook-timestamp": timestamp, "webhook-signature": f"v1,{signature}"})
+            response = connection.getresponse()
+            response.read(65536)
+            return response.status
+        finally:
+            connection.close()
+
+
+def parse_prefer(header: str) -> dict[str, str]:
+    """RFC 7240 preferences: `respond-async, wait=10` -> {"respond-async": "", "wait": "10"}."""
+    found: dict[str, str] = {}
+    for part in header.split(","):
+        name, _, value = part.split(";")[0].strip().partition("=")
+        if name:
+            found[name.strip().lower()] = value.strip().strip('"')
+    return found
+
+
+class CallRoutes:
+    """The HTTP side of calls, mixed into Handler: submit, read, wait, follow, cancel, list."""
+    app: "App"
+    headers: Any
+    path: str
+    query: dict[str, list[str]]
+
+    def async_request(self) -> tuple[bool, float | None]:
+        """(asynchronous?, seconds to wait for the result) from ?async=1 or Prefer."""
+        key = self.headers.get("Idempotency-Key")
+        if key is not None and (not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable()):
+            raise ApiError(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters")
+        prefer = parse_prefer(self.headers.get("Prefer", ""))
+        flag = (self.query.get("async") or [""])[-1].lower()
+        if flag not in ("", "0", "1", "true", "false"):
+            raise ApiError(400, "async must be 1 or 0")
+        wanted = "respond-async" in prefer or flag in ("1", "true")
+        wait = None
+        if wanted and "wait" in prefer:
+            try:
+                wait = min(max(float(prefer["wait"]), 0.0), self.app.calls.config.max_wait)
+            except ValueError:
+                raise ApiError(400, "Prefer: wait= must be a number of seconds") from None
+            if not math.isfinite(wait):
+                raise ApiError(400, "Prefer: wait= must be a number of seconds")
+        return wanted, wait
+
+    def submit_call(self, version: Version, body: dict[str, Any], event: Any, limits: Limits,
+                    wait: float | None) -> None:
+        calls = self.app.calls
+        if body.get("stream") is True or "text/event-stream" in self.headers.get("Accept", ""):
+            raise ApiError(400, "an asynchronous call does not stream; follow it with GET /calls/<id>/events")
+        callback = body.get("callback_url") or self.headers.get("X-Callback-Url")
+        callback_url = calls.callbacks.check(callback) if callback else None
+        idempotency = None
+        key = self.headers.get("Idempotency-Key")   # checked by async_request
+        if key is not None:
+            scope = hashlib.sha256(f"{version.path}\0{key}".encode()).hexdigest()
+            digest = hashlib.sha256(json_bytes([body, self.query.get("version")])).hexdigest()
+            idempotency = (scope, digest)
+        record, replayed = calls.submit("async", version, event, limits,
+                                        retries_for(version, calls.config.retries), idempotency, callback_url)
+        headers = {"Location": f"/calls/{record['id']}", "Preference-Applied": "respond-async"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if wait:
+            record = calls.wait(record["id"], is_final, wait) or record
+            headers["Preference-Applied"] = f"respond-async, wait={wait:g}"
+        if is_final(record) and wait:
+            self.send_json(record["answer"].get("http", 200), call_view(record), headers)
+        else:
+            self.send_json(202, call_view(record), headers)
+
+    def call_id_wait(self) -> float:
+        raw = (self.query.get("wait") or ["0"])[-1] or "0"
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise ApiError(400, f"wait must be a number of seconds, not {raw!r}") from None
+        if not math.isfinite(wait) or wait < 0:
+            raise ApiError(400, "wait must be a number of seconds, 0 or more")
+        return min(wait, self.app.calls.config.max_wait)
+
+    def get_call(self, call_id: str) -> None:
+        calls = self.app.calls
+        wait = self.call_id_wait()
+        record = calls.get(call_id)
+        if wait and not is_final(record):
+            record = calls.wait(call_id, is_final, wait) or record
+        self.send_json(200, call_view(record))
+
+    def delete_call(self, call_id: str) -> None:
+        record = self.app.calls.cancel(call_id)
+        self.send_json(200, call_view(record))
+
+    def get_calls(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+        path = query["path"][-1] if "path" in query else None
+        status = query["status"][-1] if "status" in query else None
+        if path is not None:
+            check_path(path)
+        if status is not None and status not in CALL_STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(CALL_STATUSES)}")
+        raw = (query.get("limit") or ["50"])[-1]
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise ApiError(400, "limit must be an integer from 1 to 1000")
+        records = self.app.calls.backend.list(path, status, int(raw))
+        self.send_json(200, {"calls": [call_view(record) for record in records]})
+
+    def get_call_events(self, call_id: str) -> None:
+        last = self.headers.get("Last-Event-ID")
+        if last is not None and not re.fullmatch(r"\d{1,9}-\d{1,9}", last):
+            raise ApiError(400, "Last-Event-ID must be an event id this server sent (<attempt>-<n>)")
+        events = self.app.calls.follow(call_id, last)
+        first = next(events)   # 404 before the stream starts
+        self.start_sse()
+        self.send_call_event(*first)
+        for event_id, event in events:
+            self.send_call_event(event_id, event)
+
+    def send_call_event(self, event_id: str | None, event: dict[str, Any]) -> None:
+        head = f"id: {event_id}\n".encode() if event_id else b""
+        self.wfile.write(head + b"data: " + json_bytes(event) + b"\n\n")
+        self.wfile.flush()
+
+    def get_nodes(self) -> None:
+        calls = self.app.calls
+        self.send_json(200, {"nodes": calls.nodes(), "queue": calls.backend.queue_state()})
+
+    def run_spilled(self, version: Version, event: Any, limits: Limits, stream: bool) -> None:
+        """A sync call this full server handed to the shared queue: the caller gets the same
+        answer (JSON or SSE) as from a local run, from whichever server ran it."""
+        calls = self.app.calls
+        record = calls.spill(version, event, limits)
+        headers = {"X-Call-Id": record["id"]}
+        if not stream:
+            record = calls.wait(record["id"], is_final, limits.timeout + 30) or record
+            if not is_final(record):
+                raise ApiError(504, "the server running this call did not answer in time", id=record["id"])
+            answer = dict(record["answer"])
+            code = answer.pop("http", 500)
+            self.send_json(code, {**answer, "node": record.get("node")}, {**headers, "X-Faas-Node": record.get("node") or ""})
+            return
+        self.start_sse()
+        for _, event_data in calls.follow(record["id"], None, status_events=False):
+            self.send_event(event_data)
 
 
 # ==========================================================================================
@@ -3672,6 +5264,14 @@ class Metrics:
         "faas_http_requests_total": ("counter", "HTTP requests by route and status code."),
         "faas_deps_builds_total": ("counter", "Library layer builds by result (ok, failed)."),
         "faas_deps_build_seconds": ("histogram", "Wall time of library layer builds."),
+        "faas_async_submitted_total": ("counter", "Calls queued, by kind (async, or sync spilled from a full server)."),
+        "faas_calls_final_total": ("counter", "Queued calls ended on this server, by final status."),
+        "faas_calls_redelivered_total": ("counter", "Queued calls handed to another run after their server stopped."),
+        "faas_calls_lost_total": ("counter", "Calls that ended lost: their server stopped and no re-run was left."),
+        "faas_calls_refused_total": ("counter", "Late results refused: the call had been taken over or ended."),
+        "faas_call_queue_wait_seconds": ("histogram", "Time from submit to start of queued calls."),
+        "faas_spilled_total": ("counter", "Sync calls a full server queued for any server, by outcome."),
+        "faas_callbacks_total": ("counter", "Callback delivery attempts by result."),
     }
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -3736,7 +5336,7 @@ SECRETS_ROUTE = re.compile(r"/functions/(?P<path>.+)/secrets")
 FUNCTION_ROUTE = re.compile(r"/functions/(?P<path>(?!.+/secrets$).+)")
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(CallRoutes, http.server.BaseHTTPRequestHandler):
     """Routes requests to small handler methods; every error leaves as JSON."""
     protocol_version = "HTTP/1.1"
     server_version = "faas"
@@ -3762,6 +5362,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("DELETE", SECRETS_ROUTE, "delete_secrets", "admin"),
         ("GET", re.compile(r"/(?:console/?)?"), "get_console_page", "public"),
         ("GET", re.compile(r"/console/(?P<name>[A-Za-z0-9_-]+\.[a-z]+)"), "get_console_file", "public"),
+        ("GET", re.compile(r"/calls"), "get_calls", "admin"),
+        ("GET", re.compile(r"/calls/(?P<call_id>[^/]+)"), "get_call", "invoke"),
+        ("DELETE", re.compile(r"/calls/(?P<call_id>[^/]+)"), "delete_call", "invoke"),
+        ("GET", re.compile(r"/calls/(?P<call_id>[^/]+)/events"), "get_call_events", "invoke"),
+        ("GET", re.compile(r"/nodes"), "get_nodes", "admin"),
     ]
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -4077,17 +5682,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         event = parse_input(body)
         version = self.app.invoker.resolve(path, version_number)
         limits = self.app.invoker.limits.capped(version.limits).lowered(requested_limits(body))
-        if version.network == "internet" and self.app.config.network != "allow":
-            raise ApiError(403, f"version {version.version} of '{path}' uses the internet, but network access is "
-                                "disabled on this server (FAAS_NETWORK=off); the operator must set "
-                                "FAAS_NETWORK=allow, or upload a version without network", reason="network_disabled")
-        extra: dict[str, Any] = {"version": version.version}
-        if version.deps:   # built here first if this node lacks it: not charged to the timeout
-            layer = self.app.layers.ensure(version.deps)
-            if not layer.cached:
-                extra["deps_build_ms"] = layer.build_ms
-        self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream, extra,
-                 version.deps, env=self.app.secrets.env(path), network=version.network)
+        is_async, wait = self.async_request()
+        if is_async:
+            return self.submit_call(version, body, event, limits, wait)
+        if self.app.calls.should_spill():
+            return self.run_spilled(version, event, limits, stream)
+        needs, extra = self.app.invoker.needs(version)
+        self.run(path, RUNTIMES[version.language], version.runnable, event, limits, stream,
+                 {"version": version.version, **extra}, **needs)
 
     def post_run_now(self) -> None:
         body = self.read_json()
@@ -4123,7 +5725,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, answer, after_answer = self.app.invoker.invoke(function, runtime, code, event, limits, None,
                                                                    deps=deps, env=env, network=network)
             try:
-                self.send_json(status, {**answer, **extra})
+                self.send_json(status, {**answer, **extra}, {"X-Faas-Node": self.app.calls.node})
                 self.wfile.flush()
             finally:
                 after_answer()
@@ -4216,6 +5818,16 @@ def notify_systemd(message: str) -> None:
         LOG.warning("systemd notify failed: %s", error)
 
 
+def sweep_runtime_dirs(base: Path) -> None:
+    """Remove the runtime directories (`faas-runtime-<pid>-*`) of servers that died without
+    cleaning up (kill -9), as their cgroups are swept."""
+    for stale in base.glob("faas-runtime-*-*"):
+        pid = stale.name.removeprefix("faas-runtime-").split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and stale.is_dir() \
+                and stale.stat().st_uid == os.geteuid():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def watchdog_interval() -> float | None:
     """Half of systemd's WatchdogSec, when the watchdog is meant for this process."""
     usec = os.environ.get("WATCHDOG_USEC", "")
@@ -4233,7 +5845,8 @@ class App:
         self.metrics = Metrics()
         self.store = open_store(config)
         runtime_base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-", dir=runtime_base))
+        sweep_runtime_dirs(Path(runtime_base or tempfile.gettempdir()))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"faas-runtime-{os.getpid()}-", dir=runtime_base))
         self.limit_backend = choose_limit_backend(config)
         self.layers = Layers(config, self.metrics, serving=True)
         self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir,
@@ -4245,9 +5858,10 @@ class App:
         self.layers.pool = self.pool
         network_sizes = {argv: config.network_pool_size for argv in pool_sizes} if self.sandbox.network.enabled else {}
         self.network_pool = Pool(self.sandbox, network_sizes, Limits.from_config(config), config.pool_idle, network=True)
-        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers,
-                               self.network_pool)
         self.secrets = Secrets(config, self.store)
+        self.invoker = Invoker(config, self.store, self.sandbox, self.pool, self.metrics, self.layers,
+                               self.secrets, self.network_pool)
+        self.calls = Calls(config, self.store, self.invoker, self.metrics)
         openapi = HERE / "openapi.json"
         self.openapi = openapi.read_bytes() if openapi.is_file() else None
         self.console = Console(CONSOLE_DIR if config.console else None)
@@ -4276,6 +5890,7 @@ class App:
             "max_runs": self.config.max_runs, "pool": self.pool.describe(), "libraries": self.layers.describe(),
             "network_pool": self.network_pool.describe(),
             "uptime_s": round(time.time() - self.started, 1),
+            "calls": self.calls.describe(),
         }
 
     def render_metrics(self) -> str:
@@ -4292,7 +5907,19 @@ class App:
             "faas_uptime_seconds": ("Seconds since the server started.", round(time.time() - self.started, 3)),
             "faas_deps_layers": ("Library layers on this node's disk.", layer_count),
             "faas_deps_bytes": ("Bytes of the library layers on this node's disk.", layer_bytes),
+            **self.calls_gauges(),
         })
+
+    def calls_gauges(self) -> dict[str, tuple[str, float]]:
+        try:
+            queue_state = self.calls.backend.queue_state()
+        except Exception as error:   # the store is down: the other metrics still count
+            LOG.warning("queue state unavailable: %s", error)
+            return {}
+        return {"faas_async_queue_depth": ("Calls queued and not started (all servers).", queue_state["depth"]),
+                "faas_async_oldest_queued_seconds": ("Age of the oldest call not started.",
+                                                     queue_state["oldest_queued_s"]),
+                "faas_calls_running": ("Queued calls running on this server.", len(self.calls.running))}
 
     def serve(self) -> None:
         handler = type("BoundHandler", (Handler,), {"app": self})
@@ -4308,6 +5935,7 @@ class App:
                  server.server_address[1], self.store.kind, self.limit_backend.name)
         if self.config.insecure and not is_loopback(self.config.host) and not self.config.token:
             LOG.warning("FAAS_INSECURE=1: anyone who reaches %s can run code", self.config.host)
+        self.calls.start()
         notify_systemd(f"READY=1\nSTATUS=serving on port {server.server_address[1]}")
         interval = watchdog_interval()
         if interval:
@@ -4327,6 +5955,7 @@ class App:
         LOG.info("signal %s: stopping; running calls may finish", signal.Signals(signum).name)
         notify_systemd("STOPPING=1\nSTATUS=draining running calls")
         self.stopping.set()
+        self.calls.stop_taking()
         assert self.server is not None
         threading.Thread(target=self.server.shutdown, daemon=True).start()
 
@@ -4338,12 +5967,14 @@ class App:
             time.sleep(0.05)
         if self.server.busy:
             LOG.warning("stopping with %d requests still running", self.server.busy)
+        self.calls.drain(deadline)
 
     def watchdog(self, interval: float) -> None:
         while not self.stopping.wait(interval):
             notify_systemd("WATCHDOG=1")
 
     def close(self) -> None:
+        self.calls.close()
         self.pool.close()
         self.layers.close()
         self.network_pool.close()

@@ -671,7 +671,9 @@ def test_openapi_document_is_valid_and_served(sqlite_server):
                 ("/functions/{path}", "delete"), ("/metrics", "get"), ("/openapi.json", "get"),
                 ("/", "get"), ("/console", "get"), ("/console/{name}", "get"),
                 ("/functions/{path}/secrets", "put"), ("/functions/{path}/secrets", "get"),
-                ("/functions/{path}/secrets", "delete")}
+                ("/functions/{path}/secrets", "delete"),
+                ("/calls", "get"), ("/calls/{call_id}", "get"), ("/calls/{call_id}", "delete"),
+                ("/calls/{call_id}/events", "get"), ("/nodes", "get")}
     got = {(p, m) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     assert got == expected
 
@@ -686,7 +688,10 @@ checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "500", "504"
 
 # positive_data_acceptance expects 2xx for any schema-valid body, but random `code` strings
 # are mostly not valid Python/JavaScript: /upload answers those 400 by design.
-SCHEMATHESIS_EXCLUDED_CHECKS = "positive_data_acceptance"
+# use_after_free: DELETE /calls/{call_id} cancels a call and its record stays readable
+# (status cancelled) until its retention ends, by design; the per-operation setting is not
+# applied in the stateful phase, so the check is off (function deletion has its own tests).
+SCHEMATHESIS_EXCLUDED_CHECKS = "positive_data_acceptance,use_after_free"
 SCHEMATHESIS_MAX_EXAMPLES = int(os.environ.get("FAAS_SCHEMATHESIS_EXAMPLES", "30"))
 
 
