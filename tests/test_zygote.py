@@ -11,8 +11,10 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -539,3 +541,94 @@ def test_no_sandbox_outlives_a_server_killed_with_sigkill(faas, zygote_setting):
     assert left, {p: proc_table().get(p) for p in alive(below)}
     for t in threads:
         t.join()
+
+
+# --------------------------------------------------------------------------- the zygote itself
+
+CAPABILITY_BITS = {"CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_SETFCAP": 31}
+
+
+def test_the_zygote_holds_nothing_of_the_server_and_only_its_own_capabilities(zserver):
+    zpid = the_zygote(zserver)
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{zpid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4, status
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
+    assert int(status["CapEff"], 16) == sum(1 << bit for bit in CAPABILITY_BITS.values()), status["CapEff"]
+    assert os.readlink(f"/proc/{zpid}/ns/user") != os.readlink("/proc/self/ns/user")
+    environ = Path(f"/proc/{zpid}/environ").read_bytes().split(b"\0")
+    assert {e.split(b"=")[0] for e in environ if e} <= {b"PATH", b"HOME", b"LANG", b"PWD"}, environ
+    for fd in os.listdir(f"/proc/{zpid}/fd"):
+        target = os.readlink(f"/proc/{zpid}/fd/{fd}")
+        assert target.startswith(("socket:", "pipe:", "/dev/null")) or fd == "2", (fd, target)
+
+
+def direct_sandbox(tmp_path, exposed=(), mount_points=()):
+    """faas's Sandbox (and a Zygote) in this process, as the server builds them."""
+    import faas
+    config = faas.Config.from_env({"FAAS_DATA_DIR": str(tmp_path / "data"), "FAAS_POOL_SIZE": "0"})
+    backend = faas.choose_limit_backend(config)
+    runtime = Path(tempfile.mkdtemp(prefix="faas-runtime-"))
+    sandbox = faas.Sandbox(config, backend, runtime)
+    zygote = faas.Zygote(sandbox, backend, config, exposed, mount_points)
+    return faas, config, backend, runtime, sandbox, zygote
+
+
+LAYER_PROBE = """import errno, os
+try:
+    open("/faas/lib/new", "w")
+    wrote = "written"
+except OSError as e:
+    wrote = errno.errorcode[e.errno]
+return [sorted(os.listdir("/faas/lib")), open("/faas/lib/mod.txt").read(), wrote,
+        os.environ.get("OPENBLAS_NUM_THREADS"), os.path.isdir("/faas/expose") and [os.listdir("/faas/expose/" + d) for d in os.listdir("/faas/expose")]]"""
+
+
+def test_extra_directories_and_environment_reach_a_call_on_both_paths(tmp_path):
+    """The per-call extras other features pass (a library layer read-only, variables):
+    through the zygote when the directory lies below one it exposes, else through bwrap;
+    a networked call never goes to the zygote."""
+    layers = Path(tempfile.mkdtemp(prefix="faas-layers-"))
+    elsewhere = Path(tempfile.mkdtemp(prefix="faas-elsewhere-"))
+    for directory, name in ((layers / "v1", "layer v1"), (layers / "v2", "layer v2"), (elsewhere, "elsewhere")):
+        directory.mkdir(exist_ok=True)
+        (directory / "mod.txt").write_text(name)
+    for path in (layers, elsewhere, *layers.iterdir()):
+        os.chmod(path, 0o755)
+    faas, config, backend, runtime, sandbox, zygote = direct_sandbox(
+        tmp_path, exposed=(str(layers),), mount_points=("/faas/lib",))
+    limits = faas.Limits.from_config(config)
+    request = json.dumps({"code": LAYER_PROBE, "event": None, "language": "python"}).encode()
+    env = (("OPENBLAS_NUM_THREADS", "1"),)
+
+    def call(source):
+        extras = faas.SpawnExtras(ro_binds=((str(source), "/faas/lib"),), env=env)
+        began = time.monotonic()
+        started = sandbox.start([*faas.RUNTIMES["python"].argv, "--cold"], limits, extras=extras)
+        outcome = sandbox.complete(started, request, limits, None, since=began)
+        assert outcome.result and outcome.result["ok"], (outcome.result, bytes(outcome.stderr))
+        return started.path, outcome.result["value"]
+    try:
+        sandbox.zygote = zygote
+        assert zygote.describe()["state"] == "up", zygote.describe()
+        path, got = call(layers / "v1")
+        assert path == "zygote" and got == [["mod.txt"], "layer v1", "EROFS", "1", [[]]], got   # no other layer
+        path, got = call(elsewhere)   # not below an exposed directory
+        assert path == "bwrap" and got == [["mod.txt"], "elsewhere", "EROFS", "1", False], got
+        networked = faas.SpawnExtras(network=True)
+        cgroup = backend.create("probe-network", limits)
+        try:
+            assert not zygote.serves([*faas.RUNTIMES["python"].argv], cgroup, networked)
+            assert zygote.serves([*faas.RUNTIMES["python"].argv], cgroup, faas.NO_EXTRAS)
+            assert not zygote.serves([*faas.RUNTIMES["javascript"].argv], cgroup, faas.NO_EXTRAS)
+        finally:
+            cgroup.remove()
+        sandbox.zygote = None
+        path, got = call(layers / "v2")
+        assert path == "bwrap" and got == [["mod.txt"], "layer v2", "EROFS", "1", False], got
+    finally:
+        zygote.close()
+        backend.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(layers, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)

@@ -70,6 +70,8 @@ SANDBOX_ID = 65534          # the call's uid and gid, as under bwrap today
 EXPOSED = "/faas/expose"    # the zygote's read-only view of the directories calls may get
 MAX_FDS = 16                # 4 pipes + at most 12 cgroup join files
 BASE_ENV = dict(os.environ)  # bwrap's --clearenv + PATH, HOME, LANG
+EXPOSED_MOUNTS = [os.path.join(EXPOSED, name).encode() for name in sorted(os.listdir(EXPOSED))
+                  ] if os.path.isdir(EXPOSED) else []   # one read-only bind per directory the server exposes
 
 
 class StepFailed(Exception):
@@ -199,8 +201,8 @@ def fresh_mounts(tmp_size, binds):
     for source, target in binds:
         mount(source.encode(), target.encode(), None, MS_BIND | MS_REC)
         mount(None, target.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    if os.path.isdir(EXPOSED):   # the other directories stay out of the call's view
-        check(libc.umount2(EXPOSED.encode(), MNT_DETACH), "detach exposed directories")
+    for exposed in EXPOSED_MOUNTS:   # the other directories stay out of the call's view
+        check(libc.umount2(exposed, MNT_DETACH), "detach exposed directories")
     os.chdir("/tmp")   # the old cwd is the zygote's /tmp, under the new mount
 
 
