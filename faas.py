@@ -1496,7 +1496,7 @@ class Sandbox:
         else:
             self.finish(started, outcome)
             if not outcome.joined:   # the server's fault, and its stderr names host paths
-                raise SandboxError("a sandbox could not join its cgroups: "
+                raise SandboxError("a sandbox could not join its cgroups or be set up: "
                                    + outcome.stderr.decode("utf-8", "replace").strip()[-300:])
         if "cpu_ms" in outcome.usage:
             outcome.usage["cpu_ms"] = max(0, outcome.usage["cpu_ms"] - cpu_before)
@@ -1617,7 +1617,7 @@ class Sandbox:
         if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
             outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
         if code not in (None, 0) and outcome.result is None:
-            outcome.joined = cgroup.joined()
+            outcome.joined = cgroup.joined() and not (isinstance(proc, ZygoteCall) and proc.setup_error)
         cgroup.remove()
 
 
@@ -1796,6 +1796,7 @@ class ZygoteCall:
         self.stderr = os.fdopen(stderr_r, "rb", 0)
         self.returncode: int | None = None
         self.cpu_seconds: float | None = None
+        self.setup_error: str | None = None   # the zygote could not set its sandbox up
         self.exited = threading.Event()
 
     def exit(self, code: int, cpu_seconds: float | None) -> None:
@@ -1806,6 +1807,9 @@ class ZygoteCall:
         if self.exited.wait(wait):
             return self.returncode, self.cpu_seconds
         return None, None
+
+    def poll(self) -> int | None:
+        return self.returncode
 
     def kill(self) -> None:
         self.owner.kill(self.token)
@@ -1905,6 +1909,8 @@ class ZygoteProcess:
             kind, _, rest = message.decode("ascii", "replace").partition(" ")
             if kind == "exit":
                 self.exited(rest)
+            elif kind == "fail":
+                self.failed(rest)
             else:
                 LOG.error("zygote %d: %s", self.generation, message[:200].decode("ascii", "replace"))
         with self.lock:
@@ -1932,6 +1938,15 @@ class ZygoteProcess:
             call.exit(exit_code, cpu_seconds)
         if finished:
             self.close_socket()
+
+    def failed(self, report: str) -> None:
+        """A call's sandbox could not be set up: the server's failure, not the function's."""
+        token, _, reason = report.partition(" ")
+        with self.lock:
+            call = self.calls.get(token)
+        if call is not None:
+            call.setup_error = reason or "unknown"
+        LOG.error("zygote %d: a call's sandbox could not be set up: %s", self.generation, reason[:300])
 
     def retire(self) -> None:
         """No new calls; the zygote ends once the ones it has (pooled ones too) are done."""

@@ -423,6 +423,7 @@ def test_malformed_control_messages_are_refused_and_the_zygote_keeps_serving(faa
         served = zygote(s)["calls"]
         control = control_socket_of(s)
         junk = os.open(tmp_path / "junk", os.O_RDWR | os.O_CREAT)
+        readonly = os.open(tmp_path / "junk", os.O_RDONLY)
         good = {"id": "abc", "args": [], "limits": {"data": 1 << 27, "tmp_size": 1 << 20, "cpu_seconds": 2},
                 "env": {}, "binds": [], "cgroups": 0}
         messages = [
@@ -436,6 +437,8 @@ def test_malformed_control_messages_are_refused_and_the_zygote_keeps_serving(faa
             (b"run " + json.dumps({**good, "binds": [["/etc", "/tmp"]]}).encode(), [junk] * 4),
             (b"run " + json.dumps({**good, "limits": {"data": -1}}).encode(), [junk] * 4),
             (b"kill nobody", []), (b"kill ", [junk]), (b"x" * 60000, []),
+            # well-formed, but its "cgroup join file" is read-only: the call's set-up fails
+            (b"run " + json.dumps({**good, "id": "failjoin", "cgroups": 1}).encode(), [readonly] * 5),
         ]
         for message, fds in messages:
             if message:
@@ -443,11 +446,13 @@ def test_malformed_control_messages_are_refused_and_the_zygote_keeps_serving(faa
                     b"".join(fd.to_bytes(4, "little") for fd in fds)))] if fds else [])
         control.close()
         os.close(junk)
+        os.close(readonly)
         assert value(run(s, "return 'still here'")) == "still here"
         assert the_zygote(s) == zpid and zygote(s)["died"] == 0, zygote(s)
         assert zygote(s)["calls"] == served + 1
         log = s.stderr_text()
         assert log.count("zygote 1: bad") >= 10, log[-3000:]
+        assert "zygote 1: a call's sandbox could not be set up: cgroup join: Bad file descriptor" in log, log[-3000:]
         assert len(os.listdir(f"/proc/{zpid}/fd")) <= 8, os.listdir(f"/proc/{zpid}/fd")   # no fd kept
     finally:
         s.stop()

@@ -28,6 +28,7 @@ server (bwrap cleared its environment). Messages, one per packet:
   zygote -> server  b"ready", then b"exit ID CODE CPU_US" once B is reaped (CODE as
                     os.waitstatus_to_exitcode; CPU_US is B's and everything it reaped), and
                     b"bad REASON" for a message it ignored.
+  B -> server       b"fail ID REASON" when a step of its set-up failed (then it exits 125).
 EOF on the socket (the server is gone) ends the zygote, and with it every call: they live in
 namespaces nested in the zygote sandbox's pid namespace.
 """
@@ -317,8 +318,9 @@ def be_init(child):
     os._exit(125 if status is None else status if status >= 0 else 128 - status)
 
 
-def child_b(request, fds):
-    """pid 1 of the call's namespaces. Never returns."""
+def child_b(request, fds, control):
+    """pid 1 of the call's namespaces. Never returns. A failed step is reported to the
+    server on the control socket, which B closes before anything of the call exists."""
     try:
         signal.signal(signal.SIGTERM, kill_all)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -330,13 +332,16 @@ def child_b(request, fds):
         own_user_namespace()
         drop_everything()
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # again, after the credential changes
+        control.close()
         child = os.fork()
         if child == 0:
             become_call(request, pipes)
         be_init(child)
     except BaseException as error:
         try:
-            os.write(2, f"faas zygote: a call's sandbox could not be set up: {error}\n".encode())
+            control.send(f"fail {request['id']} {error}"[:1000].encode())
+        except OSError:   # already closed: the call had started
+            os.write(2, f"faas zygote: call {request['id']}: {error}\n".encode())
         finally:
             os._exit(125)
 
@@ -445,13 +450,12 @@ class Zygote:
             return
         pid = clone(CALL_NAMESPACES)
         if pid == 0:
-            self.control.close()
             signal.set_wakeup_fd(-1)
             for number in (signal.SIGCHLD, signal.SIGINT):   # pid 1 ignores what it does not handle
                 signal.signal(number, signal.SIG_DFL)
             os.close(self.wake_r)
             os.close(self.wake_w)
-            child_b(request, fds)
+            child_b(request, fds, self.control)
         self.running[pid] = request["id"]
 
     def kill(self, token):
