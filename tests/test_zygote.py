@@ -97,8 +97,15 @@ def alive(pids):
 
 
 def in_background(server, code, **extra):
+    """A call in a thread: its answer lands in box["r"], or what it raised in box["error"]."""
     box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("r", run(server, code, **extra)))
+
+    def call():
+        try:
+            box["r"] = run(server, code, **extra)
+        except OSError as error:   # the server was killed under it
+            box["error"] = error
+    thread = threading.Thread(target=call)
     thread.start()
     return thread, box
 
@@ -536,7 +543,7 @@ def test_no_sandbox_outlives_a_server_killed_with_sigkill(faas, zygote_setting):
     codes = [f"import subprocess\nsubprocess.run(['sleep', '{marks[0]}'])",
              f"import subprocess\np = subprocess.Popen(['sleep', '{marks[1]}'])\nwhile True:\n    pass",
              f"import subprocess\nsubprocess.Popen(['setsid', 'sleep', '{marks[2]}'])\nimport time\ntime.sleep(60)"]
-    threads = [in_background(s, code)[0] for code in codes]
+    calls = [in_background(s, code) for code in codes]
     assert wait_until(lambda: all(running_marker(m) for m in marks), timeout=15)
     below = set(descendants(s.proc.pid))
     assert len(below) >= 10, below
@@ -544,8 +551,9 @@ def test_no_sandbox_outlives_a_server_killed_with_sigkill(faas, zygote_setting):
     s.proc.wait()
     left = wait_until(lambda: not alive(below) and not any(running_marker(m) for m in marks), timeout=15)
     assert left, {p: proc_table().get(p) for p in alive(below)}
-    for t in threads:
-        t.join()
+    for thread, box in calls:
+        thread.join()
+        assert "error" in box, box   # the connection ended with the server
 
 
 # --------------------------------------------------------------------------- the zygote itself
