@@ -45,7 +45,8 @@ import socket
 import struct
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+WRAPPERS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, WRAPPERS)
 import python as wrapper  # noqa: E402  imported once: every call starts with it loaded
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -272,8 +273,10 @@ def fresh_std_streams():
 
 
 def become_call(request, pipes):
-    """C: the call itself. Never returns."""
+    """C: the call itself, as `python3 -I python.py` would start it. Never returns."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # KeyboardInterrupt, as at start-up
+    sys.path.remove(WRAPPERS)   # -I keeps a script's directory off the path
     set_rlimits(request["limits"])
     for target, fd in enumerate(pipes):
         os.dup2(fd, target)
