@@ -2005,8 +2005,9 @@ class Zygote:
     def build_argv(self) -> list[str]:
         """faas's bwrap flags, except: uid/gid 0 in the sandbox's user namespace (host
         65534), user namespaces allowed (each call makes its own; the seccomp rule refuses
-        them to calls), three capabilities there instead of none, and the exposed
-        directories. A nested user namespace or --disable-userns would lock the mounts
+        them to calls), the ZYGOTE_CAPABILITIES there instead of none (SETFCAP maps the
+        zygote's uid 0 in a call's user namespace, NET_ADMIN brings up a call's lo), and
+        the exposed directories. A nested user namespace or --disable-userns would lock the mounts
         and calls could not mount a fresh /proc."""
         argv = list(self.sandbox.base_argv)
         argv.remove("--disable-userns")
@@ -2032,7 +2033,7 @@ class Zygote:
             for i, host in enumerate(self.exposed):
                 relative = os.path.relpath(source, host)
                 if not relative.startswith("..") and target in self.mount_points:
-                    binds.append([f"{EXPOSED_IN_ZYGOTE}/{i}/{relative}".rstrip("/."), target])
+                    binds.append([os.path.normpath(f"{EXPOSED_IN_ZYGOTE}/{i}/{relative}"), target])
                     break
             else:
                 return None
