@@ -1911,6 +1911,8 @@ class ZygoteProcess:
                 self.exited(rest)
             elif kind == "fail":
                 self.failed(rest)
+            elif kind == "bad":
+                self.refused(rest)
             else:
                 LOG.error("zygote %d: %s", self.generation, message[:200].decode("ascii", "replace"))
         with self.lock:
@@ -1947,6 +1949,19 @@ class ZygoteProcess:
         if call is not None:
             call.setup_error = reason or "unknown"
         LOG.error("zygote %d: a call's sandbox could not be set up: %s", self.generation, reason[:300])
+
+    def refused(self, report: str) -> None:
+        """The zygote refused a message; if it was a call's, that call is over."""
+        token, _, reason = report.partition(" ")
+        with self.lock:
+            call = self.calls.pop(token, None)
+            finished = self.retired and not self.calls
+        LOG.error("zygote %d: bad message (call %s): %s", self.generation, token, reason[:300])
+        if call is not None:
+            call.setup_error = reason or "refused"
+            call.exit(125, None)
+        if finished:
+            self.close_socket()
 
     def retire(self) -> None:
         """No new calls; the zygote ends once the ones it has (pooled ones too) are done."""

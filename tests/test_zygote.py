@@ -471,10 +471,11 @@ def test_the_zygote_is_recycled_after_n_calls(faas):
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         first = the_zygote(s)
-        answers = [value(run(s, f"return {i}")) for i in range(12)]
-        assert answers == list(range(12))
-        assert wait_until(lambda: zygote(s)["recycled"] >= 2, timeout=20), zygote(s)
-        assert zygote(s)["generation"] >= 3 and zygote(s)["died"] == 0, zygote(s)
+        for batch in range(3):   # the replacement takes over once it is ready: wait for it
+            generation = zygote(s)["generation"]
+            assert [value(run(s, f"return {i}")) for i in range(4)] == list(range(4))
+            assert wait_until(lambda: zygote(s)["generation"] > generation, timeout=20), zygote(s)
+        assert zygote(s)["recycled"] == 3 and zygote(s)["died"] == 0, zygote(s)
         assert wait_until(lambda: len(zygote_pids(s)) == 1, timeout=10), zygote_pids(s)   # old ones ended
         assert the_zygote(s) != first
         assert spawn_paths(s) == {"zygote": 12}
@@ -482,14 +483,23 @@ def test_the_zygote_is_recycled_after_n_calls(faas):
         s.stop()
 
 
-def test_rlimit_mode_reports_the_calls_cpu(faas):
+BUSY = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4:\n    pass\nreturn 1"
+
+
+def test_rlimit_mode_reports_the_calls_cpu_or_none(faas):
+    """Without cgroups, a zygote's call reports the CPU its init counted; a bwrap sandbox's
+    CPU is not knowable (bwrap does not wait for its pid 1), so no figure rather than ~0."""
     s = faas.start(store="sqlite", env={"FAAS_LIMITS": "rlimit"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
-        body = assert_ok(s.run_now("python", "import time\nt = time.process_time()\n"
-                                             "while time.process_time() - t < 0.4:\n    pass\nreturn 1"))
-        assert body["cpu_ms"] >= 300, body
+        assert assert_ok(s.run_now("python", BUSY))["cpu_ms"] >= 300
         assert spawn_paths(s) == {"zygote": 1}
+    finally:
+        s.stop()
+    s = faas.start(store="sqlite", env={"FAAS_LIMITS": "rlimit", "FAAS_ZYGOTE": "off"})
+    try:
+        body = assert_ok(s.run_now("python", BUSY))
+        assert "cpu_ms" not in body and spawn_paths(s) == {"bwrap": 1}, body
     finally:
         s.stop()
 

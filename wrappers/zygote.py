@@ -27,7 +27,8 @@ server (bwrap cleared its environment). Messages, one per packet:
                     b"kill ID"     end that call (B kills its namespace, reaps, exits 137)
   zygote -> server  b"ready", then b"exit ID CODE CPU_US" once B is reaped (CODE as
                     os.waitstatus_to_exitcode; CPU_US is B's and everything it reaped), and
-                    b"bad REASON" for a message it ignored.
+                    b"bad ID REASON" for a message it refused (ID "-" when it has none), and
+                    so for a call it could not start: that call is over
   B -> server       b"fail ID REASON" when a step of its set-up failed (then it exits 125).
 EOF on the socket (the server is gone) ends the zygote, and with it every call: they live in
 namespaces nested in the zygote sandbox's pid namespace.
@@ -350,32 +351,45 @@ def child_b(request, fds, control):
 
 
 # -- the control loop ------------------------------------------------------------------------
+def valid_id(token):
+    return isinstance(token, str) and 0 < len(token) <= 32 and token.isascii() and token.isalnum()
+
+
+def request_id(message):
+    """The id of a run request, if it has a valid one, else "-" (for refusals)."""
+    try:
+        token = wrapper.loads(message[4:].decode()).get("id")
+    except Exception:   # ValueError, UnicodeDecodeError; the C scanner's SystemError on ""
+        return "-"
+    return token if valid_id(token) else "-"
+
+
 def parse_request(message, fds):
     """The run request, validated, or a reason to refuse it."""
     try:
         request = wrapper.loads(message[4:].decode())
-    except Exception:   # ValueError, UnicodeDecodeError; the C scanner's SystemError on ""
+    except Exception:
         return None, "not JSON"
     shapes = {"id": str, "args": list, "limits": dict, "env": dict, "binds": list, "cgroups": int}
     if not isinstance(request, dict) or any(not isinstance(request.get(k), t) for k, t in shapes.items()):
         return None, "fields missing or of the wrong type"
-    token, limits = request["id"], request["limits"]
-    if not (0 < len(token) <= 32 and token.isalnum()):
-        return None, "bad id"
+    limits = request["limits"]
+    if not valid_id(request["id"]):
+        return None, "invalid id"
     if len(fds) != 4 + request["cgroups"]:
         return None, f"{len(fds)} fds for {request['cgroups']} cgroups"
     if not all(isinstance(limits.get(k), int) and limits[k] > 0 for k in ("data", "tmp_size", "cpu_seconds")):
-        return None, "bad limits"
+        return None, "invalid limits"
     if not all(isinstance(a, str) and a.startswith("--") for a in request["args"]):
-        return None, "bad args"
+        return None, "invalid args"
     if not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
                for k, v in request["env"].items()):
-        return None, "bad env"
+        return None, "invalid env"
     for bind in request["binds"]:
         if not (isinstance(bind, list) and len(bind) == 2 and all(isinstance(p, str) for p in bind)
                 and bind[0].startswith(EXPOSED + "/") and ".." not in bind[0].split("/")
                 and os.path.isdir(bind[0]) and os.path.isdir(bind[1])):
-            return None, "bad bind"
+            return None, "invalid bind"
     return request, None
 
 
@@ -433,15 +447,16 @@ class Zygote:
         fds = list(fds)
         if not message:
             os._exit(0)   # EOF: the server closed us
+        token = request_id(message) if message.startswith(b"run ") else "-"
         try:
             if message.startswith(b"run ") and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 self.run(message, fds)
             elif message.startswith(b"kill ") and not fds:
                 self.kill(message[5:].decode("ascii", "replace"))
             else:
-                self.reply("bad unknown or truncated message")
+                self.reply(f"bad {token} unknown or truncated message")
         except Exception as error:   # never the zygote's end: the message is refused
-            self.reply(f"bad message: {type(error).__name__}")
+            self.reply(f"bad {token} {type(error).__name__}: {error}"[:500])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -449,7 +464,7 @@ class Zygote:
     def run(self, message, fds):
         request, reason = parse_request(message, fds)
         if request is None:
-            self.reply(f"bad {reason}")
+            self.reply(f"bad {request_id(message)} {reason}")
             return
         pid = clone(CALL_NAMESPACES)
         if pid == 0:
