@@ -129,7 +129,8 @@ def running_marker(mark):
 
 @pytest.fixture(scope="module")
 def zserver(faas):
-    s = faas.start(store="redis", env={"FAAS_TOKEN": TOKEN, "FAAS_TEST_SECRET": SERVER_SECRET})
+    s = faas.start(store="redis", env={"FAAS_ZYGOTE": "on", "FAAS_TOKEN": TOKEN,
+                                       "FAAS_TEST_SECRET": SERVER_SECRET})
     assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20), zygote(s)
     yield s
     s.stop()
@@ -348,7 +349,7 @@ def test_memory_holds_nothing_of_an_earlier_call_or_of_the_server(zserver):
 # --------------------------------------------------------------------------- failures
 
 def test_zygote_killed_mid_call_fails_the_call_cleanly_and_is_restarted(faas):
-    s = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         zpid = the_zygote(s)
@@ -371,7 +372,7 @@ def test_zygote_killed_mid_call_fails_the_call_cleanly_and_is_restarted(faas):
 
 
 def test_while_the_zygote_is_down_python_calls_take_the_bwrap_path(faas):
-    s = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0"})
     try:
         fell_back = False
         for _ in range(5):   # the zygote is back within about a second: retry if it won the race
@@ -423,7 +424,7 @@ def control_socket_of(server):
 
 
 def test_malformed_control_messages_are_refused_and_the_zygote_keeps_serving(faas, tmp_path):
-    s = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         zpid = the_zygote(s)
@@ -467,7 +468,7 @@ def test_malformed_control_messages_are_refused_and_the_zygote_keeps_serving(faa
 
 
 def test_the_zygote_is_recycled_after_n_calls(faas):
-    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE_CALLS": "4", "FAAS_POOL_SIZE": "0"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_ZYGOTE_CALLS": "4", "FAAS_POOL_SIZE": "0"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         first = the_zygote(s)
@@ -489,7 +490,7 @@ BUSY = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.
 def test_rlimit_mode_reports_the_calls_cpu_or_none(faas):
     """Without cgroups, a zygote's call reports the CPU its init counted; a bwrap sandbox's
     CPU is not knowable (bwrap does not wait for its pid 1), so no figure rather than ~0."""
-    s = faas.start(store="sqlite", env={"FAAS_LIMITS": "rlimit"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_LIMITS": "rlimit"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         assert assert_ok(s.run_now("python", BUSY))["cpu_ms"] >= 300
@@ -509,7 +510,8 @@ def test_rlimit_mode_reports_the_calls_cpu_or_none(faas):
 def test_many_calls_keep_the_zygote_flat_and_leave_nothing(faas):
     """2,000 calls here (bench/zygote.py runs the issue's 10,000): the zygote's RSS stays
     flat, its mount table unchanged, no cgroup or process is left."""
-    s = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0", "FAAS_ZYGOTE_CALLS": "100000"})
+    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0",
+                                        "FAAS_ZYGOTE_CALLS": "100000"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
         zpid = the_zygote(s)
@@ -604,7 +606,8 @@ try:
 except OSError as e:
     wrote = errno.errorcode[e.errno]
 return [sorted(os.listdir("/faas/lib")), open("/faas/lib/mod.txt").read(), wrote,
-        os.environ.get("OPENBLAS_NUM_THREADS"), os.path.isdir("/faas/expose") and [os.listdir("/faas/expose/" + d) for d in os.listdir("/faas/expose")]]"""
+        os.environ.get("OPENBLAS_NUM_THREADS"),
+        os.path.isdir("/faas/expose") and [os.listdir("/faas/expose/" + d) for d in os.listdir("/faas/expose")]]"""
 
 
 def test_extra_directories_and_environment_reach_a_call_on_both_paths(tmp_path):

@@ -273,6 +273,18 @@ def fresh_std_streams():
     sys.stderr = sys.__stderr__ = stream(2, "w", errors="backslashreplace", line_buffering=True)
 
 
+def warm_up():
+    """A pre-started call waits for its request: write now, off the call's path, to the
+    pages a call writes (reference counts of the wrapper's and the interpreter's objects),
+    which it shares copy-on-write with the zygote. Leaves nothing behind: fresh globals,
+    results dropped. Twice: the second pass reaches what the first one's allocations
+    moved (measured: a pooled call 1.9 ms -> 1.25 ms once -> 0.97 ms twice; bwrap's 0.91)."""
+    for _ in range(2):
+        code, is_async = wrapper.build("return [len(event), 'x', {'y': 2.5}, None, True]")
+        wrapper.dump({"ok": True, "value": wrapper.run(code, is_async, {"a": 1})})
+        wrapper.loads('{"code": "return 1", "event": {"a": [1, 2.5, "x", null, true, false]}}')
+
+
 def become_call(request, pipes):
     """C: the call itself, as `python3 -I python.py` would start it. Never returns."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -286,6 +298,8 @@ def become_call(request, pipes):
     os.environ.update(BASE_ENV)
     os.environ.update(request["env"])
     fresh_std_streams()
+    if not {"--cold", "--check"} & set(request["args"]):
+        warm_up()
     wrapper.main(request["args"] + ["3"])   # reads the request, answers, os._exit(0)
     os._exit(0)
 
