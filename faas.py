@@ -1866,9 +1866,14 @@ class ZygoteProcess:
         call = ZygoteCall(self, token, *ours[:3])
         taken = False
         try:
-            theirs += [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.join_files()]
+            if env:   # a memfd only the call reads: a secret never passes through the zygote
+                theirs.append(os.memfd_create("faas-env", os.MFD_CLOEXEC))
+                os.write(theirs[-1], json.dumps(env).encode())
+                os.lseek(theirs[-1], 0, os.SEEK_SET)
+            joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.join_files()]
+            theirs += joins
             request = {"id": token, "args": args, "limits": rlimit_values(limits, backend_name),
-                       "env": env, "binds": binds, "cgroups": len(theirs) - 4}
+                       "env": bool(env), "binds": binds, "cgroups": len(joins)}
             message = b"run " + json.dumps(request).encode()
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(theirs)}i", *theirs))]
             with self.lock:

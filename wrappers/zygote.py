@@ -23,7 +23,10 @@ sandbox (research/forkserver.md, design (a)):
 The control socket (SOCK_SEQPACKET) is the zygote's only input; it holds nothing of the
 server (bwrap cleared its environment). Messages, one per packet:
   server -> zygote  b"run " + JSON {"id", "args", "limits", "env", "binds", "cgroups"} with
-                    SCM_RIGHTS [stdin_r, stdout_w, stderr_w, result_w, cgroup join files...]
+                    SCM_RIGHTS [stdin_r, stdout_w, stderr_w, result_w, (env), cgroup join
+                    files...]: with "env" true, a memfd holding the call's extra environment
+                    variables as a JSON object, read by C only: the zygote never has a
+                    call's variables (secrets) in its memory, which later calls inherit
                     b"kill ID"     end that call (B kills its namespace, reaps, exits 137)
   zygote -> server  b"ready", then b"exit ID CODE CPU_US" once B is reaped (CODE as
                     os.waitstatus_to_exitcode; CPU_US is B's and everything it reaped), and
@@ -285,18 +288,32 @@ def warm_up():
         wrapper.loads('{"code": "return 1", "event": {"a": [1, 2.5, "x", null, true, false]}}')
 
 
-def become_call(request, pipes):
+def read_env(fd):
+    """The call's extra environment variables, from the server's memfd."""
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    os.close(fd)
+    env = wrapper.loads(data.decode())
+    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                                          and "\0" not in k + v for k, v in env.items())):
+        raise StepFailed("invalid environment")
+    return env
+
+
+def become_call(request, pipes, env_fd):
     """C: the call itself, as `python3 -I python.py` would start it. Never returns."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)   # KeyboardInterrupt, as at start-up
     sys.path.remove(WRAPPERS)   # -I keeps a script's directory off the path
     set_rlimits(request["limits"])
+    extra_env = read_env(env_fd) if env_fd is not None else {}
     for target, fd in enumerate(pipes):
         os.dup2(fd, target)
     os.closerange(4, 1 << 20)
     os.environ.clear()
     os.environ.update(BASE_ENV)
-    os.environ.update(request["env"])
+    os.environ.update(extra_env)
     fresh_std_streams()
     if not {"--cold", "--check"} & set(request["args"]):
         warm_up()
@@ -343,7 +360,8 @@ def child_b(request, fds, control):
         signal.signal(signal.SIGTERM, kill_all)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]   # clear of 0..3
-        pipes, cgroup_fds = fds[:4], fds[4:]
+        env_fd = fds[4] if request["env"] else None
+        pipes, cgroup_fds = fds[:4], fds[4 + request["env"]:]
         join_cgroups(cgroup_fds)
         loopback_up()
         fresh_mounts(request["limits"]["tmp_size"], request["binds"])
@@ -353,7 +371,7 @@ def child_b(request, fds, control):
         control.close()
         child = os.fork()
         if child == 0:
-            become_call(request, pipes)
+            become_call(request, pipes, env_fd)
         be_init(child)
     except BaseException as error:
         try:
@@ -384,21 +402,18 @@ def parse_request(message, fds):
         request = wrapper.loads(message[4:].decode())
     except Exception:
         return None, "not JSON"
-    shapes = {"id": str, "args": list, "limits": dict, "env": dict, "binds": list, "cgroups": int}
+    shapes = {"id": str, "args": list, "limits": dict, "env": bool, "binds": list, "cgroups": int}
     if not isinstance(request, dict) or any(not isinstance(request.get(k), t) for k, t in shapes.items()):
         return None, "fields missing or of the wrong type"
     limits = request["limits"]
     if not valid_id(request["id"]):
         return None, "invalid id"
-    if len(fds) != 4 + request["cgroups"]:
+    if len(fds) != 4 + request["env"] + request["cgroups"]:
         return None, f"{len(fds)} fds for {request['cgroups']} cgroups"
     if not all(isinstance(limits.get(k), int) and limits[k] > 0 for k in ("data", "tmp_size", "cpu_seconds")):
         return None, "invalid limits"
     if not all(isinstance(a, str) and a.startswith("--") for a in request["args"]):
         return None, "invalid args"
-    if not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
-               for k, v in request["env"].items()):
-        return None, "invalid env"
     for bind in request["binds"]:
         if not (isinstance(bind, list) and len(bind) == 2 and all(isinstance(p, str) for p in bind)
                 and bind[0].startswith(EXPOSED + "/") and ".." not in bind[0].split("/")
