@@ -1617,7 +1617,9 @@ class Sandbox:
         if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
             outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
         if code not in (None, 0) and outcome.result is None:
-            outcome.joined = cgroup.joined() and not (isinstance(proc, ZygoteCall) and proc.setup_error)
+            # A zygote's call reports a failed set-up itself; killed while joining (a time
+            # limit of microseconds) it has simply been killed. The gate's is inferred.
+            outcome.joined = not proc.setup_error if isinstance(proc, ZygoteCall) else cgroup.joined()
         cgroup.remove()
 
 

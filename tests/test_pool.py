@@ -161,7 +161,8 @@ def test_pool_size_per_interpreter_and_zero_turns_it_off(faas):
         assert pool(s)["python"]["size"] == 3 and pool(s)["node"]["size"] == 0
         assert run(s, "javascript", "return 'cold'")["data"] == "cold"
         assert pool(s)["node"]["hits"] == 0 and pool(s)["node"]["started"] == 0
-        assert not any("node" in info["cmdline"] for info in descendants(s.proc.pid).values())
+        assert wait_until(lambda: not any("node" in info["cmdline"] for info in descendants(s.proc.pid).values()),
+                          timeout=5), descendants(s.proc.pid)   # the cold call's sandbox is ending
     finally:
         s.stop()
     off = faas.start(store="sqlite", env={"FAAS_POOL_SIZE": "0"})
