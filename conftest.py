@@ -352,6 +352,8 @@ class FaasFactory:
         With wait=True, returns once GET /healthz answers 200 (or fails showing the
         server's stderr)."""
         full = clean_env()
+        if os.environ.get("FAAS_TEST_ZYGOTE"):   # e.g. off: the whole suite on the bwrap path
+            full["FAAS_ZYGOTE"] = os.environ["FAAS_TEST_ZYGOTE"]
         if store == "sqlite":
             full["FAAS_DATA_DIR"] = str(self.tmp.mktemp("faas-data"))
         elif store == "redis":

@@ -169,6 +169,9 @@ class Config:
     network_max_connections: int = 64
     network_rate: int | None = None   # bytes/second each way, per networked call
     network_pool_size: int = 1        # pre-started networked sandboxes per interpreter
+    zygote: bool = True           # Python calls forked by the zygote (FAAS_ZYGOTE=off: bwrap each)
+    zygote_calls: int = 1000      # a zygote is replaced after this many calls...
+    zygote_seconds: float = 600   # ...or this many seconds
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -241,6 +244,9 @@ class Config:
             network_rate=parse_size("FAAS_NETWORK_RATE", get("FAAS_NETWORK_RATE")) if get("FAAS_NETWORK_RATE") else None,
             network_pool_size=parse_number("FAAS_POOL_SIZE_NETWORK",
                                            get("FAAS_POOL_SIZE_NETWORK", str(min(pool_size, 1))), int, 0, 64),
+            zygote=parse_switch("FAAS_ZYGOTE", get("FAAS_ZYGOTE", "on")),
+            zygote_calls=parse_number("FAAS_ZYGOTE_CALLS", get("FAAS_ZYGOTE_CALLS", "1000"), int, 1),
+            zygote_seconds=parse_number("FAAS_ZYGOTE_SECONDS", get("FAAS_ZYGOTE_SECONDS", "600"), float, 1),
         )
 
 
@@ -1642,10 +1648,17 @@ def rlimit_commands(limits: Limits, backend_name: str) -> str:
     before it becomes bwrap (prlimit on the sandbox user's process would need
     CAP_SYS_RESOURCE). RLIMIT_DATA rather than RLIMIT_AS, which breaks V8. With cgroups the
     data limit is loose: the cgroup is the real cap and the one that reports OOM."""
-    data = limits.memory if backend_name == "rlimit" else 2 * limits.memory
-    cpu_seconds = int(limits.timeout * max(limits.cpus, 1)) + 1
+    values = rlimit_values(limits, backend_name)
+    data, cpu_seconds = values["data"], values["cpu_seconds"]
     return (f"ulimit -c 0 && ulimit -d {data // 1024} && ulimit -f {limits.tmp_size // 512} && "
             f"ulimit -n 1024 && ulimit -S -t {cpu_seconds} && ulimit -H -t {cpu_seconds + 1}")
+
+
+def rlimit_values(limits: Limits, backend_name: str) -> dict[str, int]:
+    """RLIMIT_DATA, RLIMIT_FSIZE (bytes) and RLIMIT_CPU (soft, seconds; hard is one more)
+    of a run: the gate's `ulimit`s, and what a zygote's call sets on itself."""
+    return {"data": limits.memory if backend_name == "rlimit" else 2 * limits.memory,
+            "tmp_size": limits.tmp_size, "cpu_seconds": int(limits.timeout * max(limits.cpus, 1)) + 1}
 
 
 class RunCgroup(Protocol):
@@ -2133,12 +2146,18 @@ DENIED_SYSCALLS = {
     "fspick": (433, 433), "pidfd_getfd": (438, 438), "mount_setattr": (442, 442),
 }
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+CLONE_SYSCALLS = {"x86_64": (56, 435), "aarch64": (220, 435)}   # clone, clone3
+CLONE_NEWUSER = 0x10000000
 
 
-def seccomp_program(machine: str) -> bytes:
-    """The filter as struct sock_filter records {u16 code; u8 jt; u8 jf; u32 k}."""
-    load_word, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
+def seccomp_program(machine: str, allowed: tuple[str, ...] = (), refuse_new_userns: bool = False) -> bytes:
+    """The filter as struct sock_filter records {u16 code; u8 jt; u8 jf; u32 k}. The zygote's
+    (see its section) leaves out the calls in `allowed` and refuses new user namespaces
+    through clone (EPERM) and clone3 (ENOSYS: glibc falls back to clone), which replaces
+    bwrap's --disable-userns where user namespaces must stay possible for unshare."""
+    load_word, jump_eq, jump_ge, jump_set, ret = 0x20, 0x15, 0x35, 0x45, 0x06   # BPF_LD|W|ABS, JMP|JEQ|K, ...
     kill, allow, eperm = 0x80000000, 0x7FFF0000, 0x00050000 | errno.EPERM
+    enosys = 0x00050000 | errno.ENOSYS
     column = 0 if machine == "x86_64" else 1
 
     def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
@@ -2147,9 +2166,13 @@ def seccomp_program(machine: str) -> bytes:
     program = [op(load_word, 4), op(jump_eq, AUDIT_ARCH[machine], 1, 0), op(ret, kill), op(load_word, 0)]
     if machine == "x86_64":
         program += [op(jump_ge, 0x40000000, 0, 1), op(ret, kill)]   # x32 ABI
-    for numbers in DENIED_SYSCALLS.values():
-        if numbers[column] is not None:
+    for name, numbers in DENIED_SYSCALLS.items():
+        if numbers[column] is not None and name not in allowed:
             program += [op(jump_eq, numbers[column], 0, 1), op(ret, eperm)]
+    if refuse_new_userns:   # last: it loads the flags (args[0], low word) over the number
+        clone, clone3 = CLONE_SYSCALLS[machine]
+        program += [op(jump_eq, clone3, 0, 1), op(ret, enosys), op(jump_eq, clone, 0, 3), op(load_word, 16),
+                    op(jump_set, CLONE_NEWUSER, 0, 1), op(ret, eperm)]
     program.append(op(ret, allow))
     return b"".join(program)
 
@@ -2183,6 +2206,7 @@ class Outcome:
     cleanup: Callable[[], None] = lambda: None         # ...which this then finishes
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
     joined: bool = True                                # False: the gate failed to join its cgroups
+    spawn_path: str = "bwrap"                          # Started.path of the sandbox that ran it
 
 
 LineSink = Callable[[str, str], None]
@@ -2216,10 +2240,13 @@ class LineSplitter:
             self.sink(self.stream, line.rstrip(b"\r").decode("utf-8", "replace"))
 
 
-def reap(proc: subprocess.Popen, wait: float) -> tuple[int | None, float | None]:
-    """Popen.wait that keeps the resource usage: the exit code and the CPU seconds of the
-    process and of everything it waited for (bwrap waits for the whole sandbox). Gives
-    (None, None) if the process is still running after `wait` seconds."""
+def reap(proc: "subprocess.Popen | ZygoteCall", wait: float) -> tuple[int | None, float | None]:
+    """Popen.wait that gives the exit code and the sandbox's CPU seconds when known: a
+    zygote's call reports its init's rusage, which counts the whole call; bwrap's does not
+    (its monitor never waits for the sandbox's pid 1), so a bwrap run's CPU comes only
+    from a cgroup. Gives (None, None) if the process is still running after `wait` seconds."""
+    if isinstance(proc, ZygoteCall):
+        return proc.wait_exit(wait)
     deadline = time.monotonic() + wait
     pause = 0.0002
     while proc.returncode is None:
@@ -2229,7 +2256,7 @@ def reap(proc: subprocess.Popen, wait: float) -> tuple[int | None, float | None]
             break   # reaped elsewhere
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_utime + usage.ru_stime
+            return proc.returncode, None
         if time.monotonic() >= deadline:
             return None, None
         time.sleep(pause)
@@ -2260,13 +2287,14 @@ SANDBOX_HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 @dataclasses.dataclass
 class Started:
     """A running sandbox that has not been given its request yet."""
-    proc: subprocess.Popen
+    proc: "subprocess.Popen | ZygoteCall"
     cgroup: "RunCgroup"
     result_r: int
     limits: Limits
     born: float
     spawn_ms: float
     network: "NetworkHelper | None" = None   # a networked sandbox's slirp4netns
+    path: str = "bwrap"   # how it was spawned: bwrap, or forked by the zygote
 
 
 class Sandbox:
@@ -2291,6 +2319,7 @@ class Sandbox:
         self.seccomp = seccomp_program(platform.machine())
         self.network = Network(config, runtime_dir)
         self.network_argv = self.network.sandbox_argv(self.base_argv) if self.network.enabled else None
+        self.zygote: Zygote | None = None   # set by App when Python calls are forked by one
 
     def install_runtime_files(self, uid: int, gid: int) -> None:
         os.chmod(self.runtime_dir, 0o755)
@@ -2349,9 +2378,20 @@ class Sandbox:
         """A fresh sandbox, placed in its own cgroup, its wrapper loading and then waiting for
         the request on stdin. Nothing of the caller's runs until `complete` sends it. `base`
         replaces the bwrap argv (a layer build's). With `network`, it has the internet
-        through a filter (see Network), ready on return."""
+        through a filter (see Network), ready on return. The zygote forks it when it can
+        (see its section), else bwrap starts it."""
         began = time.monotonic()
         cgroup = self.limits.create(uuid.uuid4().hex[:12], limits)
+        if self.zygote is not None and result_fd and base is None and not network \
+                and self.zygote.serves(argv, cgroup):
+            try:
+                forked = self.zygote.spawn(argv, limits, cgroup)
+            except BaseException:
+                cgroup.remove()
+                raise
+            if forked is not None:
+                return Started(forked[0], cgroup, forked[1], limits, began, (time.monotonic() - began) * 1000,
+                               path="zygote")
         result_r = info_r = -1
         try:
             child_fds = [seccomp_fd(self.seccomp)]
@@ -2402,7 +2442,7 @@ class Sandbox:
         (with the output printed before it): the sandbox is then still exiting, and
         `outcome.cleanup` must be called once the answer is sent. That saves the caller the
         interpreter's and the namespaces' teardown (1-3 ms)."""
-        outcome = Outcome(spawn_ms=started.spawn_ms)
+        outcome = Outcome(spawn_ms=started.spawn_ms, spawn_path=started.path)
         began = time.monotonic() if since is None else since
         # A pre-started interpreter already used CPU loading itself: that is not the call's.
         cpu_before = started.cgroup.usage().get("cpu_ms", 0) if since is None else 0
@@ -2416,11 +2456,15 @@ class Sandbox:
             outcome.exit_code = 0   # what the wrapper does once its result is written
             outcome.oom = started.cgroup.oom_killed()
             outcome.usage = started.cgroup.usage()
+            if "cpu_ms" not in outcome.usage and isinstance(started.proc, ZygoteCall):
+                cpu_seconds = started.proc.wait_exit(1.0)[1]   # rlimit mode: only the zygote counts it
+                if cpu_seconds is not None:
+                    outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
             outcome.cleanup = lambda: self.finish(started, Outcome())
         else:
             self.finish(started, outcome)
             if not outcome.joined:   # the server's fault, and its stderr names host paths
-                raise SandboxError("a sandbox could not join its cgroups: "
+                raise SandboxError("a sandbox could not join its cgroups or be set up: "
                                    + outcome.stderr.decode("utf-8", "replace").strip()[-300:])
         if "cpu_ms" in outcome.usage:
             outcome.usage["cpu_ms"] = max(0, outcome.usage["cpu_ms"] - cpu_before)
@@ -2445,7 +2489,7 @@ class Sandbox:
         if not self.drop_privileges or not cgroup.drops_privileges:
             return []
         return [self.setpriv, f"--reuid={self.config.sandbox_uid}", f"--regid={self.config.sandbox_gid}",
-                "--clear-groups", "--"]
+                "--clear-groups", "--pdeathsig", "SIGKILL", "--"]
 
     @staticmethod
     def feed(proc: subprocess.Popen, data: bytes) -> None:
@@ -2543,8 +2587,9 @@ class Sandbox:
         if cpu_seconds is not None and "cpu_ms" not in outcome.usage:
             outcome.usage["cpu_ms"] = int(cpu_seconds * 1000)
         if code not in (None, 0) and outcome.result is None and outcome.status != "timeout":
-            # a deadline shorter than the gate's start kills it before it joins: a timeout
-            outcome.joined = cgroup.joined()
+            # A zygote's call reports a failed set-up itself; a gate killed by a deadline
+            # shorter than its start never joined, and that is a timeout. The gate's is inferred.
+            outcome.joined = not proc.setup_error if isinstance(proc, ZygoteCall) else cgroup.joined()
         cgroup.remove()
 
 
@@ -3314,6 +3359,379 @@ def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
     finally:
         os.close(fd)
     return data
+# 5b. Zygote
+# ==========================================================================================
+# Python calls are forked from one long-lived, pre-imported interpreter instead of a
+# bwrap + interpreter start each (research/forkserver.md, design (a)): ~7 ms of CPU per
+# call instead of ~25. The zygote runs in a bwrap sandbox of its own whose uid 0 is host
+# uid 65534 and whose capabilities exist in its own user namespace only; every call is a
+# child in fresh namespaces that gives all of them up before the request is read
+# (wrappers/zygote.py). This section sits below Sandbox.start: the run's cgroup, the pool,
+# complete/pump/finish and outcomes are the same on both paths. While no zygote is up,
+# and for calls it cannot serve (networked calls, systemd-run scopes, directories outside
+# what it exposes), Sandbox.start takes the bwrap path.
+
+ZYGOTE_IN_SANDBOX = f"{WRAPPERS_IN_SANDBOX}/zygote.py"
+ZYGOTE_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_ADMIN")   # in its user ns only
+ZYGOTE_ALLOWED = ("mount", "unshare")   # what the zygote needs of the deny-list
+ZYGOTE_READY_SECONDS = 15.0
+ZYGOTE_RESTART_DELAY = 1.0   # after a zygote died: not a tight loop if something kills each one
+
+
+class ZygoteCall:
+    """What Sandbox needs of a Popen, for a call the zygote forked: the server's ends of the
+    call's pipes, the exit the zygote reports, and a kill sent through the zygote."""
+
+    def __init__(self, owner: "ZygoteProcess", token: str, stdin_w: int, stdout_r: int, stderr_r: int) -> None:
+        self.owner = owner
+        self.token = token
+        self.pid = f"zygote-call-{token}"   # for log lines only: the host pid is not known here
+        self.stdin = os.fdopen(stdin_w, "wb")
+        self.stdout = os.fdopen(stdout_r, "rb", 0)
+        self.stderr = os.fdopen(stderr_r, "rb", 0)
+        self.returncode: int | None = None
+        self.cpu_seconds: float | None = None
+        self.setup_error: str | None = None   # the zygote could not set its sandbox up
+        self.exited = threading.Event()
+
+    def exit(self, code: int, cpu_seconds: float | None) -> None:
+        self.returncode, self.cpu_seconds = code, cpu_seconds
+        self.exited.set()
+
+    def wait_exit(self, wait: float) -> tuple[int | None, float | None]:
+        if self.exited.wait(wait):
+            return self.returncode, self.cpu_seconds
+        return None, None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        self.owner.kill(self.token)
+
+
+class ZygoteProcess:
+    """One running zygote: its bwrap process, control socket, cgroup and calls."""
+
+    def __init__(self, sandbox: Sandbox, argv: list[str], cgroup: RunCgroup, generation: int,
+                 on_exit: Callable[["ZygoteProcess"], None]) -> None:
+        self.sandbox, self.cgroup, self.generation, self.on_exit = sandbox, cgroup, generation, on_exit
+        self.calls: dict[str, ZygoteCall] = {}
+        self.lock = threading.Lock()
+        self.served = 0
+        self.born = time.monotonic()
+        self.retired = False
+        self.dead = False
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        machine = platform.machine()
+        fds = [seccomp_fd(seccomp_program(machine, ZYGOTE_ALLOWED, refuse_new_userns=True)),
+               seccomp_fd(seccomp_program(machine, refuse_new_userns=True)), theirs.fileno()]
+        command = [*argv, "--seccomp", str(fds[0]), "--", "/usr/bin/python3", "-I", ZYGOTE_IN_SANDBOX,
+                   str(fds[2]), str(fds[1])]
+        try:
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         pass_fds=fds, env=SANDBOX_HOST_ENV, cwd="/")
+        except BaseException:
+            self.socket.close()
+            raise
+        finally:
+            for fd in fds[:2]:
+                os.close(fd)
+            theirs.close()
+        self.socket.settimeout(ZYGOTE_READY_SECONDS)
+        try:
+            ready = self.socket.recv(64)
+        except OSError:
+            ready = b""
+        if ready != b"ready":
+            self.stop()
+            raise SandboxError("the zygote did not start")
+        self.socket.settimeout(None)
+        self.thread = threading.Thread(target=self.dispatch, name=f"zygote-{generation}", daemon=True)
+        self.thread.start()
+
+    def spawn(self, args: list[str], limits: Limits, cgroup: RunCgroup,
+              backend_name: str) -> tuple[ZygoteCall, int] | None:
+        """Ask the zygote for a call's sandbox: (the call, the result pipe's read end), or
+        None when this zygote cannot take it (dead or retired)."""
+        token = uuid.uuid4().hex[:16]
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]   # stdin, stdout, stderr, result
+        ours = [pipes[0][1], *(read_end for read_end, _ in pipes[1:])]
+        theirs = [pipes[0][0], *(write_end for _, write_end in pipes[1:])]
+        call = ZygoteCall(self, token, *ours[:3])
+        taken = False
+        try:
+            joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.join_files()]
+            theirs += joins
+            request = {"id": token, "args": args, "limits": rlimit_values(limits, backend_name),
+                       "cgroups": len(joins)}
+            message = b"run " + json.dumps(request).encode()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(theirs)}i", *theirs))]
+            with self.lock:
+                if not (self.dead or self.retired):
+                    self.calls[token] = call
+                    try:
+                        self.socket.sendmsg([message], rights)
+                        self.served += 1
+                        taken = True
+                    except OSError:
+                        del self.calls[token]
+        finally:
+            for fd in theirs:
+                os.close(fd)
+            if not taken:
+                for stream in (call.stdin, call.stdout, call.stderr):
+                    stream.close()
+                os.close(ours[3])
+        return (call, ours[3]) if taken else None
+
+    def kill(self, token: str) -> None:
+        with self.lock:
+            if token in self.calls and not self.dead:
+                try:
+                    self.socket.send(b"kill " + token.encode())
+                except OSError:
+                    pass   # the zygote is gone, and with it the call
+
+    def dispatch(self) -> None:
+        """Read the zygote's reports until it ends; then every call it had has ended too."""
+        while True:
+            try:
+                message = self.socket.recv(256)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            kind, _, rest = message.decode("ascii", "replace").partition(" ")
+            if kind == "exit":
+                self.exited(rest)
+            elif kind == "fail":
+                self.failed(rest)
+            elif kind == "bad":
+                self.refused(rest)
+            else:
+                LOG.error("zygote %d: %s", self.generation, message[:200].decode("ascii", "replace"))
+        with self.lock:
+            self.dead = True
+            lost, self.calls = list(self.calls.values()), {}
+        for call in lost:   # their namespaces were nested in the zygote's, which is gone
+            call.exit(-signal.SIGKILL, None)
+        if not self.retired:
+            LOG.error("zygote %d ended with %d calls running; calls take the bwrap path until it is back",
+                      self.generation, len(lost))
+        self.stop()
+        self.on_exit(self)
+
+    def exited(self, report: str) -> None:
+        try:
+            token, code, cpu_us = report.split()
+            exit_code, cpu_seconds = int(code), int(cpu_us) / 1e6
+        except ValueError:
+            LOG.error("zygote %d: a malformed report: %r", self.generation, report[:100])
+            return
+        with self.lock:
+            call = self.calls.pop(token, None)
+            finished = self.retired and not self.calls
+        if call is not None:
+            call.exit(exit_code, cpu_seconds)
+        if finished:
+            self.close_socket()
+
+    def failed(self, report: str) -> None:
+        """A call's sandbox could not be set up: the server's failure, not the function's."""
+        token, _, reason = report.partition(" ")
+        with self.lock:
+            call = self.calls.get(token)
+        if call is not None:
+            call.setup_error = reason or "unknown"
+        LOG.error("zygote %d: a call's sandbox could not be set up: %s", self.generation, reason[:300])
+
+    def refused(self, report: str) -> None:
+        """The zygote refused a message; if it was a call's, that call is over."""
+        token, _, reason = report.partition(" ")
+        with self.lock:
+            call = self.calls.pop(token, None)
+            finished = self.retired and not self.calls
+        LOG.error("zygote %d: bad message (call %s): %s", self.generation, token, reason[:300])
+        if call is not None:
+            call.setup_error = reason or "refused"
+            call.exit(125, None)
+        if finished:
+            self.close_socket()
+
+    def retire(self) -> None:
+        """No new calls; the zygote ends once the ones it has (pooled ones too) are done."""
+        with self.lock:
+            self.retired = True
+            idle = not self.calls
+        if idle:
+            self.close_socket()
+
+    def close_socket(self) -> None:
+        """EOF on the control socket: the zygote exits, ending any call it still has."""
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        """Reap the zygote's bwrap (killing it if need be) and remove its cgroup."""
+        self.close_socket()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.cgroup.kill()
+            self.proc.kill()
+            self.proc.wait()
+        self.cgroup.kill()
+        self.cgroup.remove()
+        self.socket.close()
+
+
+class Zygote:
+    """Keeps one zygote up for the server: started, replaced after `zygote_calls` calls or
+    `zygote_seconds` (calls share its hash secret and address layout until then) and
+    restarted when it dies, all from one long-lived thread (a parent-death signal fires
+    when the thread that started a process ends). Decides which calls it serves."""
+
+    def __init__(self, sandbox: Sandbox, backend: LimitBackend, config: Config) -> None:
+        self.sandbox, self.backend, self.config = sandbox, backend, config
+        self.argv = self.build_argv()
+        self.python = RUNTIMES["python"].argv
+        self.current: ZygoteProcess | None = None
+        self.lock = threading.Lock()
+        self.stats = {"started": 0, "died": 0, "recycled": 0, "calls": 0, "fallbacks": 0, "start_failures": 0}
+        self.wake = threading.Event()
+        self.closing = threading.Event()
+        self.first_try = threading.Event()
+        self.retiring: set[ZygoteProcess] = set()
+        self.restart_after = 0.0
+        self.thread = threading.Thread(target=self.supervise, name="zygote", daemon=True)
+        self.thread.start()
+        self.first_try.wait(ZYGOTE_READY_SECONDS + 5)
+
+    def build_argv(self) -> list[str]:
+        """faas's bwrap flags, except: uid/gid 0 in the sandbox's user namespace (host
+        65534), user namespaces allowed (each call makes its own; the seccomp rule refuses
+        them to calls), the ZYGOTE_CAPABILITIES there instead of none (SETFCAP maps the
+        zygote's uid 0 in a call's user namespace, NET_ADMIN brings up a call's lo). A
+        nested user namespace or --disable-userns would lock the mounts and calls could not
+        mount a fresh /proc. The library layers of base_argv are there for every call."""
+        argv = list(self.sandbox.base_argv)
+        argv.remove("--disable-userns")
+        argv[argv.index("--uid") + 1] = "0"
+        argv[argv.index("--gid") + 1] = "0"
+        at = argv.index("--cap-drop")
+        argv[at:at + 2] = [flag for cap in ZYGOTE_CAPABILITIES for flag in ("--cap-add", cap)]
+        return argv
+
+    def serves(self, argv: list[str], cgroup: RunCgroup) -> bool:
+        """Python calls placed by cgroup files (not a systemd-run scope). Networked calls and
+        layer builds never get here (see Sandbox.start)."""
+        return tuple(argv[:len(self.python)]) == self.python and not cgroup.command_prefix()
+
+    def spawn(self, argv: list[str], limits: Limits, cgroup: RunCgroup) -> tuple[ZygoteCall, int] | None:
+        """A call's sandbox forked by the zygote, or None (the caller takes the bwrap path)."""
+        with self.lock:
+            current = self.current
+        forked = None
+        if current is not None:
+            forked = current.spawn(argv[len(self.python):], limits, cgroup, self.backend.name)
+        with self.lock:
+            self.stats["calls" if forked else "fallbacks"] += 1
+        if current is not None and (current.served >= self.config.zygote_calls
+                                    or time.monotonic() - current.born >= self.config.zygote_seconds):
+            self.wake.set()
+        return forked
+
+    def supervise(self) -> None:
+        failures = 0
+        while not self.closing.is_set():
+            with self.lock:
+                current = self.current
+            due = current is None or current.served >= self.config.zygote_calls \
+                or time.monotonic() - current.born >= self.config.zygote_seconds
+            waited = self.restart_after - time.monotonic()
+            if due and waited <= 0:
+                failures = 0 if self.replace(current) else failures + 1
+                self.first_try.set()
+            pause = min(30.0, 0.5 * 2 ** failures) if failures else min(5.0, self.config.zygote_seconds)
+            if waited > 0:
+                pause = min(pause, waited)
+            self.wake.wait(pause)
+            self.wake.clear()
+
+    def replace(self, old: ZygoteProcess | None) -> bool:
+        """Start a new zygote; the old one (if any) is retired once the new one is ready."""
+        with self.lock:
+            generation = self.stats["started"] + self.stats["start_failures"] + 1
+        cgroup = self.backend.create(f"zygote-{uuid.uuid4().hex[:8]}",
+                                     Limits(256 << 20, float(os.cpu_count() or 1), 1024, 1, 1, 1))
+        gate = ["/bin/sh", "-c", " && ".join([*(f"echo 0 > {shlex.quote(p)}" for p in cgroup.join_files()),
+                                              "ulimit -c 0", "ulimit -n 1024", 'exec "$@"']),
+                "faas-zygote-gate", *self.sandbox.privilege_drop(cgroup)]
+        try:
+            new = ZygoteProcess(self.sandbox, [*gate, *self.argv], cgroup, generation, self.ended)
+        except (OSError, SandboxError) as error:
+            cgroup.remove()
+            with self.lock:
+                self.stats["start_failures"] += 1
+            LOG.error("zygote: could not start (%s); Python calls take the bwrap path", error)
+            return False
+        with self.lock:
+            self.current = new
+            self.stats["started"] += 1
+            if old is not None and not old.dead:
+                self.stats["recycled"] += 1
+                self.retiring.add(old)
+        if old is not None:
+            old.retire()
+        return True
+
+    def ended(self, process: ZygoteProcess) -> None:
+        """A zygote's dispatcher saw it end: if it was the current one, start another."""
+        with self.lock:
+            self.retiring.discard(process)
+            if self.current is process:
+                self.current = None
+                self.stats["died"] += 1
+                self.restart_after = time.monotonic() + ZYGOTE_RESTART_DELAY
+        self.wake.set()
+
+    def describe(self) -> dict[str, Any]:
+        with self.lock:
+            current = self.current
+            return {"state": "up" if current else "down", "generation": current.generation if current else None,
+                    "served": current.served if current else 0, **self.stats}
+
+    def close(self) -> None:
+        self.closing.set()
+        self.wake.set()
+        self.thread.join(timeout=10)
+        with self.lock:
+            everything = [p for p in [self.current, *self.retiring] if p is not None]
+            self.current = None
+        for process in everything:
+            process.retired = True
+            process.close_socket()
+        for process in everything:   # its dispatcher reaps it and removes its cgroup
+            process.thread.join(timeout=15)
+
+
+def zygote_off_reason(config: Config, backend: LimitBackend) -> str | None:
+    """Why Python calls do not use a zygote here, or None when they do."""
+    if not config.zygote:
+        return "FAAS_ZYGOTE=off"
+    if backend.name == "systemd-run":
+        return "FAAS_LIMITS=systemd-run: systemd-run places each sandbox itself"
+    return None
+
+
+def start_zygote(config: Config, sandbox: Sandbox, backend: LimitBackend) -> Zygote | None:
+    if zygote_off_reason(config, backend) is not None or not os.access(RUNTIMES["python"].interpreter, os.X_OK):
+        return None
+    sandbox.zygote = Zygote(sandbox, backend, config)
+    return sandbox.zygote
 
 
 # ==========================================================================================
@@ -3538,6 +3956,8 @@ class Invoker:
         self.versions = SizedCache(32 << 20)
         self.limits = Limits.from_config(config)
         self.slots = RunSlots(config.max_runs, config.max_queue, config.queue_timeout)
+        self.paths: collections.Counter[tuple[str, str]] = collections.Counter()   # (language, spawn path)
+        self.paths_lock = threading.Lock()
 
     # -- upload-time preparation ------------------------------------------------------------
     def prepare(self, runtime: Runtime, code: str) -> str | None:
@@ -3647,6 +4067,9 @@ class Invoker:
         self.metrics.observe("faas_call_duration_seconds", outcome.duration_ms / 1000, language=runtime.language)
         self.metrics.observe("faas_function_duration_seconds", outcome.duration_ms / 1000, function=function)
         self.metrics.observe("faas_sandbox_spawn_seconds", outcome.spawn_ms / 1000)
+        self.metrics.inc("faas_calls_by_spawn_path_total", language=runtime.language, path=outcome.spawn_path)
+        with self.paths_lock:
+            self.paths[(runtime.language, outcome.spawn_path)] += 1
 
         def after_answer() -> None:
             """End the sandbox, then start its replacement: neither slows the answer."""
@@ -3654,6 +4077,15 @@ class Invoker:
             holding.__exit__(None, None, None)
             (self.network_pool if networked and self.network_pool else self.pool).refill()
         return status, answer, after_answer
+
+    def spawn_paths(self) -> dict[str, dict[str, int]]:
+        """Calls per language and the path their sandbox took (zygote or bwrap)."""
+        with self.paths_lock:
+            counts = dict(self.paths)
+        paths: dict[str, dict[str, int]] = {}
+        for (language, path), count in sorted(counts.items()):
+            paths.setdefault(language, {})[path] = count
+        return paths
 
     def run_sandboxed(self, argv: tuple[str, ...], request: bytes, limits: Limits, sink: LineSink | None,
                       warm: tuple[str, ...] | None = None, networked: bool = False,
@@ -5259,6 +5691,8 @@ class Metrics:
         "faas_call_duration_seconds": ("histogram", "Wall time of function calls, sandbox start to end."),
         "faas_function_duration_seconds": ("histogram", "Wall time of function calls by function."),
         "faas_sandbox_spawn_seconds": ("histogram", "Time to create a run's cgroup and start its sandbox."),
+        "faas_calls_by_spawn_path_total": ("counter", "Function calls by language and how their sandbox was "
+                                                      "spawned: forked by the zygote, or bwrap."),
         "faas_uploads_total": ("counter", "Stored uploads by language."),
         "faas_store_errors_total": ("counter", "Requests that failed because the store did."),
         "faas_http_requests_total": ("counter", "HTTP requests by route and status code."),
@@ -5852,6 +6286,7 @@ class App:
         self.sandbox = Sandbox(config, self.limit_backend, self.runtime_dir,
                                self.layers.layers if self.layers.available else None)
         self.layers.sandbox = self.sandbox
+        self.zygote = start_zygote(config, self.sandbox, self.limit_backend)
         pool_sizes = {runtime.argv: config.pool_sizes[pool_name(runtime.argv)] for runtime in RUNTIMES.values()
                       if os.access(runtime.interpreter, os.X_OK)}
         self.pool = Pool(self.sandbox, pool_sizes, Limits.from_config(config), config.pool_idle)
@@ -5889,6 +6324,9 @@ class App:
             "runs_active": self.invoker.slots.active, "runs_waiting": self.invoker.slots.waiting,
             "max_runs": self.config.max_runs, "pool": self.pool.describe(), "libraries": self.layers.describe(),
             "network_pool": self.network_pool.describe(),
+            "zygote": self.zygote.describe() if self.zygote else {"state": "off", "why": zygote_off_reason(self.config,
+                                                                                                    self.limit_backend)},
+            "spawn_paths": self.invoker.spawn_paths(),
             "uptime_s": round(time.time() - self.started, 1),
             "calls": self.calls.describe(),
         }
@@ -5908,6 +6346,8 @@ class App:
             "faas_deps_layers": ("Library layers on this node's disk.", layer_count),
             "faas_deps_bytes": ("Bytes of the library layers on this node's disk.", layer_bytes),
             **self.calls_gauges(),
+            "faas_zygote_up": ("1 while a zygote forks Python sandboxes; 0 while they take the bwrap path.",
+                               int(self.zygote is not None and self.zygote.describe()["state"] == "up")),
         })
 
     def calls_gauges(self) -> dict[str, tuple[str, float]]:
@@ -5978,6 +6418,8 @@ class App:
         self.pool.close()
         self.layers.close()
         self.network_pool.close()
+        if self.zygote is not None:
+            self.zygote.close()
         self.store.close()
         self.limit_backend.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

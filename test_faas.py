@@ -697,9 +697,11 @@ def test_check_command(faas):
 
 # --------------------------------------------------------------------------- limits
 
-@pytest.fixture(scope="module")
-def limited_server(faas):
-    s = faas.start(store="sqlite", env={"TIMEOUT_SCRIPT": "2", "FAAS_MAX_OUTPUT": "10000"})
+@pytest.fixture(scope="module", params=["on", "off"], ids=["zygote", "bwrap"])
+def limited_server(faas, request):
+    """Limits and outcomes through both spawn paths: Python forked by the zygote, or bwrap."""
+    s = faas.start(store="sqlite", env={"TIMEOUT_SCRIPT": "2", "FAAS_MAX_OUTPUT": "10000",
+                                        "FAAS_ZYGOTE": request.param})
     yield s
     s.stop()
     assert "Traceback" not in s.stderr_text(), s.stderr_text()[-4000:]

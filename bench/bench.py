@@ -125,7 +125,8 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     """One faas.py process on a free loopback port, its log in the temp dir."""
 
-    def __init__(self, name: str, pool_size: int | None, root: Path, python: str) -> None:
+    def __init__(self, name: str, pool_size: int | None, root: Path, python: str,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir()
@@ -134,6 +135,7 @@ class Server:
         env.update(HTTP_PORT="0", FAAS_HOST="127.0.0.1", FAAS_DATA_DIR=str(self.dir / "data"))
         if pool_size is not None:
             env["FAAS_POOL_SIZE"] = str(pool_size)
+        env.update(extra_env or {})
         self.log_path = self.dir / "server.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([python, str(FAAS)], cwd=self.dir, env=env,

@@ -7,7 +7,8 @@ server still answers a normal call quickly afterwards.
 
 Two attack servers run the store-dependent subset: "sqlite-pool" (the default warm pool)
 and "redis-cold" (FAAS_POOL_SIZE=0), so both the pooled and the cold start path are
-attacked. Host-side checks (leftover processes, uids, cgroups, server memory) read /proc
+attacked. The whole module runs twice: with Python calls forked by the zygote (the
+default) and with FAAS_ZYGOTE=off (a bwrap per call). Host-side checks (leftover processes, uids, cgroups, server memory) read /proc
 and /sys directly. The last test stops every server this module started and checks that
 nothing of them is left: no cgroup, no runtime directory, no bwrap process.
 
@@ -19,6 +20,7 @@ import errno
 import http.client
 import json
 import pwd
+import os
 import re
 import signal
 import socket
@@ -102,6 +104,16 @@ def run_cgroups(server_pid):
     return out
 
 
+ZYGOTE = "/usr/bin/python3 -I /faas/wrappers/zygote.py"
+
+
+def own_user_namespace(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    except FileNotFoundError:
+        return True   # exited meanwhile
+
+
 def marker():
     """A unique, harmless argument for `sleep` that identifies a process on the host."""
     return f"{1000 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10**9:09d}"
@@ -165,14 +177,15 @@ def sse_events(s, body, timeout=60):
 class Fleet:
     """The servers of this module, started on first use, remembered for the final check."""
 
-    def __init__(self, faas):
+    def __init__(self, faas, zygote):
         self.faas = faas
+        self.zygote = zygote    # FAAS_ZYGOTE of every server: on or off
         self.by_name = {}
         self.info = []          # (server, pid, runtime_dir)
 
     def get(self, name, store="sqlite", **env):
         if name not in self.by_name:
-            s = self.faas.start(store=store, env={**BASE_ENV, **env})
+            s = self.faas.start(store=store, env={**BASE_ENV, "FAAS_ZYGOTE": self.zygote, **env})
             s.runtime_dir = find_runtime_dir(s)
             self.by_name[name] = s
             self.info.append((s, s.proc.pid, s.runtime_dir))
@@ -206,9 +219,9 @@ def find_runtime_dir(s):
     return found
 
 
-@pytest.fixture(scope="module")
-def fleet(faas):
-    f = Fleet(faas)
+@pytest.fixture(scope="module", params=["on", "off"], ids=["zygote", "bwrap"])
+def fleet(faas, request):
+    f = Fleet(faas, request.param)
     yield f
     f.stop_all()
 
@@ -786,7 +799,8 @@ return [os.getuid(), os.geteuid(), os.getgid(), caps]"""
             assert info["cap_eff"] == 1 << 10, (pid, info)   # root with CAP_NET_BIND_SERVICE only
             continue
         assert all(u != 0 for u in info["uid"]), (pid, info)
-        assert info["cap_eff"] == 0, (pid, info)
+        if info["cap_eff"]:   # the zygote (and a call it forks, until it drops them): in its own user ns only
+            assert info["cmdline"].startswith(ZYGOTE) and own_user_namespace(pid), (pid, info)
     body = ok(box["r"])
     uid, euid, gid, caps = body["data"]
     sandbox_uid = srv.get("/healthz").body["sandbox_uid"]
@@ -1002,7 +1016,10 @@ def test_zz_nothing_left_after_the_servers_stop(fleet, srv):
     # while a server runs, no run cgroup outlives its sandbox: at most one per sandbox
     # (a gate process is the server's direct child), plus one being created by the pool
     def cgroups_match_sandboxes(pid):
-        sandboxes = [p for p, i in proc_table().items() if i["ppid"] == pid]
+        table = proc_table()
+        zygotes = {p for p, i in table.items() if i["cmdline"].startswith(ZYGOTE) and p in descendants(pid, table)
+                   and table.get(i["ppid"], {}).get("comm") == "bwrap"}
+        sandboxes = [p for p, i in table.items() if i["ppid"] == pid or i["ppid"] in zygotes]
         return len(run_cgroups(pid)) <= len(sandboxes) + 1
 
     for s, pid, _ in fleet.info:
