@@ -632,6 +632,18 @@ def test_layer_missing_at_call_time_is_rebuilt_from_the_lock(lserver, uid):
     assert "deps_build_ms" not in assert_ok(lserver.run(f"{uid}/m"))
 
 
+def test_an_asynchronous_call_of_a_library_function_gets_its_layer_rebuilt_if_missing(lserver, uid):
+    """A queued call settles the same needs as a sync one: the layer is built from the lock
+    on the server that runs it, and the record says how long that took."""
+    body = assert_ok(upload(lserver, f"{uid}/am", "python", "import faasdemo\nreturn faasdemo.answer()",
+                            requirements=["faasdemo==1.0"]))
+    shutil.rmtree(layer_dir(lserver, body["dependencies"]["key"]))
+    r = lserver.post(f"/run/{uid}/am?async=1", {})
+    assert r.status == 202, (r.status, r.body)
+    done = assert_ok(lserver.get(f"/calls/{r.body['id']}?wait=60", timeout=90))
+    assert done["status"] == "ok" and done["data"] == 42 and done["deps_build_ms"] > 0, done
+
+
 def test_gc_removes_unreferenced_layers_but_not_one_in_use(lserver, uid):
     body = assert_ok(upload(lserver, f"{uid}/gc", "python", "import faasgc, time\ntime.sleep(3)\nreturn faasgc.X",
                             requirements=["faasgc==1.0"]))
