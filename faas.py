@@ -2125,6 +2125,10 @@ def describe_limits(config: Config) -> str:
     return f"none usable: {'; '.join(passed_over)}"
 
 
+# ==========================================================================================
+# 5. Sandbox
+# ==========================================================================================
+
 # -- seccomp deny-list -------------------------------------------------------------------
 # A classic-BPF program for `bwrap --seccomp FD`: foreign-architecture and x32 system calls
 # kill the process, the calls below fail with EPERM, everything else is allowed. The
@@ -3359,7 +3363,10 @@ def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
     finally:
         os.close(fd)
     return data
-# 5b. Zygote
+
+
+# ==========================================================================================
+# 5d. Zygote
 # ==========================================================================================
 # Python calls are forked from one long-lived, pre-imported interpreter instead of a
 # bwrap + interpreter start each (research/forkserver.md, design (a)): ~7 ms of CPU per
