@@ -6893,6 +6893,18 @@ def report_failure(answer: dict[str, Any]) -> int:
     return 1
 
 
+def report_refusal(response: Any) -> int:
+    """A JSON error answer where an SSE stream was asked for (unknown call, refused token): exit 1."""
+    raw = response.read()
+    try:
+        answer = json.loads(raw or b"{}")
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ClientError(f"the server answered {response.status} with {raw[:200]!r}, not a JSON error")
+    return report_failure({"status": response.status, **answer})
+
+
 def follow_events(response: Any) -> int:
     """An SSE answer: printed lines to stderr as they arrive, the result to stdout."""
     exit_code: int | None = None
@@ -6928,10 +6940,7 @@ def call(remote: Remote, path: str, given: str | None, version: int | None, stre
         response = remote.open("POST", f"/run/{path}{query}", {**body, "stream": True}, accept="text/event-stream")
         if response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
             return follow_events(response)
-        try:
-            return report_failure({"status": response.status, **json.loads(response.read() or b"{}")})
-        except ValueError:
-            raise ClientError(f"the server answered {response.status} with non-JSON") from None
+        return report_refusal(response)
     status, answer = remote.call("POST", f"/run/{path}{query}", body)
     for field in ("stdout", "stderr"):
         if answer.get(field):
@@ -6956,7 +6965,7 @@ def logs(remote: Remote, call_id: str) -> int:
     response = remote.open("GET", f"/calls/{urllib.parse.quote(call_id, safe='')}/events", accept="text/event-stream")
     if response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
         return follow_events(response)
-    return report_failure({"status": response.status, **json.loads(response.read() or b"{}")})
+    return report_refusal(response)
 
 
 def run_client(args: Any) -> int:

@@ -7,7 +7,8 @@ const LANG_INDENT = { python: "    ", javascript: "  ", typescript: "  " };
 const STATUSES = ["ok", "error", "timeout", "oom", "output_limit", "killed", "internal"];
 
 const $ = (id) => document.getElementById(id);
-const state = { functions: [], current: null, errorLine: null, callsRoute: false, timer: null, history: {} };
+const state = { functions: [], current: null, errorLine: null, callsRoute: false, timer: null, history: {},
+  call: null, callStream: null };
 
 /** An element with properties and children; strings become text nodes, never markup. */
 function el(tag, props, ...children) {
@@ -69,6 +70,7 @@ function fnUrl(path) { return "/functions/" + path.split("/").map(encodeURICompo
 function signIn(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   stopHealth();
+  stopCall();
   for (const id of ["nav", "sign-out", "view-functions", "view-health", "view-calls"]) $(id).hidden = true;
   $("signin").hidden = false;
   $("signin-error").textContent = message || "";
@@ -113,6 +115,7 @@ function showView(name) {
     document.querySelector(`[data-view="${view}"]`).classList.toggle("active", view === name);
   }
   stopHealth();
+  stopCall();
   if (name === "health") startHealth();
   if (name === "calls") loadCalls();
 }
@@ -354,23 +357,46 @@ function runRequest() {
   return ["/run/" + state.current.path.split("/").map(encodeURIComponent).join("/") + query, request];
 }
 
-function logLine(event) {
+function logLine(log, event) {
   const text = event.type === "string" || event.type === "text" ? String(event.data) : JSON.stringify(event.data);
-  $("run-log").append(el("span", { class: event.stream === "stderr" ? "stderr" : "" }, text + "\n"));
+  log.append(el("span", { class: event.stream === "stderr" ? "stderr" : "" }, text + "\n"));
 }
 
-function showResult(event, httpStatus) {
+/** A result or error event (or a finished call's record) as facts and a value, all text. */
+function resultView(event, httpStatus) {
   const ok = event.event === "result";
   const facts = [`status ${event.status || httpStatus}`];
-  if (event.duration_ms !== undefined) facts.push(`${event.duration_ms} ms`);
+  if (event.duration_ms !== undefined && event.duration_ms !== null) facts.push(`${event.duration_ms} ms`);
   if (event.memory_peak_bytes) facts.push(`memory ${bytes(event.memory_peak_bytes)}`);
   if (event.cpu_ms !== undefined && event.cpu_ms !== null) facts.push(`CPU ${event.cpu_ms} ms`);
   if (event.version) facts.push(`version ${event.version}`);
   const body = ok ? (event.type === "string" || event.type === "text" ? String(event.data) : JSON.stringify(event.data, null, 2))
     : [event.data || event.error, event.line ? `at line ${event.line}` : "", event.stack || ""].filter(Boolean).join("\n");
-  $("run-result").replaceChildren(el("div", { class: "facts", text: facts.join(" · ") }),
-    el("pre", { class: ok ? "value" : "value error", text: body }));
-  if (!ok && $("target").value === "unsaved") markLine(event.line);
+  return [el("div", { class: "facts", text: facts.join(" · ") }), el("pre", { class: ok ? "value" : "value error", text: body })];
+}
+
+function showResult(event, httpStatus) {
+  $("run-result").replaceChildren(...resultView(event, httpStatus));
+  if (event.event !== "result" && $("target").value === "unsaved") markLine(event.line);
+}
+
+/** Reads an SSE answer to its end, handing each event's parsed data to onEvent. */
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffered.indexOf("\n\n")) >= 0) {
+      const data = buffered.slice(0, end).split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      buffered = buffered.slice(end + 2);
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
 }
 
 async function run() {
@@ -390,24 +416,10 @@ async function run() {
     if (body.line && (!state.current || $("target").value === "unsaved")) markLine(body.line);
     return showResult({ event: "error", data: body.error, line: body.line }, response.status);
   }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffered = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffered += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffered.indexOf("\n\n")) >= 0) {
-      const data = buffered.slice(0, end).split("\n").filter((l) => l.startsWith("data:"))
-        .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
-      buffered = buffered.slice(end + 2);
-      if (!data) continue;
-      const event = JSON.parse(data);
-      if (event.event === "log") logLine(event);
-      else showResult(event, response.status);
-    }
-  }
+  await readEvents(response, (event) => {
+    if (event.event === "log") logLine($("run-log"), event);
+    else showResult(event, response.status);
+  });
 }
 $("run").addEventListener("click", run);
 
@@ -509,18 +521,70 @@ function renderHealth(h) {
 
 // ---------------------------------------------------------------------------- calls (when the server has them)
 
+const CALL_STATUSES = ["queued", "running", ...STATUSES, "cancelled", "expired", "lost"];
+$("calls-status").replaceChildren(el("option", { value: "", text: "any status" }),
+  ...CALL_STATUSES.map((s) => el("option", { value: s, text: s })));
+$("calls-status").addEventListener("change", loadCalls);
+$("calls-refresh").addEventListener("click", loadCalls);
+
+/** Recent calls, newest first (GET /calls, admin). */
 async function loadCalls() {
-  const answer = await api("GET", "/calls");
-  if (answer.status !== 200) return message("call-record", show(answer.body.error || answer.body), true);
-  const calls = Array.isArray(answer.body) ? answer.body : answer.body.calls || [];
-  $("calls").tBodies[0].replaceChildren(...calls.map((c) => el("tr", { onclick: () => openCall(c.id) },
-    el("td", { class: "hash", text: String(c.id) }), el("td", { class: "path", text: show(c.path || "") }),
-    el("td", { text: show(c.status || "") }), el("td", { text: typeof c.created === "number" ? when(c.created) : show(c.created || "") }))));
+  const status = $("calls-status").value;
+  const answer = await api("GET", `/calls?limit=100${status ? `&status=${encodeURIComponent(status)}` : ""}`);
+  if (answer.status !== 200) return message("calls-message", show(answer.body.error || answer.body), true);
+  const calls = answer.body.calls || [];
+  message("calls-message", calls.length ? "" : "No calls yet: submit one with POST /run/<path>?async=1.");
+  $("calls").tBodies[0].replaceChildren(...calls.map((c) => el("tr",
+    { class: c.id === state.call ? "selected" : "", "data-id": c.id, onclick: () => openCall(c.id) },
+    el("td", { class: "hash", text: c.id.slice(0, 12), title: c.id }), el("td", { class: "path", text: c.path }),
+    el("td", { class: c.status === "ok" || c.status === "queued" || c.status === "running" ? "" : "error", text: c.status }),
+    el("td", { text: when(c.created), title: ago(c.created) }))));
 }
 
+function stopCall() {
+  if (state.callStream) state.callStream.abort();
+  state.callStream = null;
+}
+
+/** One call: its record's facts, then its printed lines and result from GET /calls/<id>/events
+ *  (replayed, then followed while it runs). */
 async function openCall(id) {
-  const answer = await api("GET", `/calls/${encodeURIComponent(id)}`);
-  $("call-record").textContent = JSON.stringify(answer.body, null, 2);
+  stopCall();
+  state.call = id;
+  for (const row of $("calls").tBodies[0].rows) row.classList.toggle("selected", row.dataset.id === id);
+  const url = `/calls/${encodeURIComponent(id)}`;
+  $("call-log").replaceChildren();
+  $("call-result").replaceChildren();
+  const answer = await api("GET", url);
+  if (answer.status !== 200) return message("call-head", show(answer.body.error || answer.body), true);
+  const r = answer.body;
+  const facts = [r.path, `version ${r.version}`, `created ${when(r.created)}`];
+  if (r.started) facts.push(`queued ${r.queue_ms} ms`);
+  if (r.node) facts.push(`node ${r.node}`, `attempt ${r.attempt}`);
+  message("call-head", `${r.id}: ${facts.join(" · ")}`);
+  const controller = new AbortController();
+  state.callStream = controller;
+  try {
+    const response = await fetch(url + "/events", { headers: headers({ Accept: "text/event-stream" }), cache: "no-store",
+      signal: controller.signal });
+    if (!(response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+      let body;
+      try { body = await response.json(); } catch (e) { body = { error: response.statusText }; }
+      return $("call-result").replaceChildren(...resultView({ event: "error", data: body.error }, response.status));
+    }
+    await readEvents(response, (event) => {
+      if (event.event === "log") logLine($("call-log"), event);
+      else if (event.event === "status") $("call-result").replaceChildren(el("div", { class: "facts", text: `status ${event.status}…` }));
+      else $("call-result").replaceChildren(...resultView(event, response.status));
+    });
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    throw error;
+  }
+  if (state.callStream === controller) {
+    state.callStream = null;
+    loadCalls();   // the list shows the status the call ended with
+  }
 }
 
 start();

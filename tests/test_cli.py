@@ -1,4 +1,4 @@
-"""`faas.py deploy`, `call` and `ls`: the shell user's client, run as a program against a
+"""`faas.py deploy`, `call`, `ls` and `logs`: the shell user's client, run as a program against a
 real server with an admin token. Each test deploys under its own --prefix."""
 import json
 import os
@@ -217,6 +217,67 @@ def test_call_stream_prints_lines_as_they_come(cli_server, tmp_path, uid):
         proc.kill()
         proc.wait()
     assert (proc.returncode, out, err) == (0, "42\n", "second\n")
+
+
+def submit(server, path, body=None):
+    """An asynchronous call (POST /run/<path>?async=1): its id."""
+    r = server.post(f"/run/{path}?async=1", body or {}, headers=AUTH)
+    assert r.status == 202, (r.status, r.body)
+    return r.body["id"]
+
+
+def test_logs_of_finished_calls(cli_server, tmp_path, uid):
+    root = tmp_path / "fns"
+    write(root, "echo.py", 'import sys\nprint("printed line")\nprint("to stderr", file=sys.stderr)\n'
+                           'return {"got": event}\n')
+    write(root, "fail.py", 'print("before")\nraise ValueError("async bad " + str(event.get("n")))\n')
+    assert faas_cli(cli_server, "deploy", str(root), "--prefix", uid).returncode == 0
+    ok_id = submit(cli_server, f"{uid}/echo", {"input": {"a": 1}})
+    fail_id = submit(cli_server, f"{uid}/fail", {"input": {"n": 3}})
+    for call_id in (ok_id, fail_id):
+        assert_ok(cli_server.get(f"/calls/{call_id}?wait=30", headers=AUTH))
+
+    done = faas_cli(cli_server, "logs", ok_id)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"got": {"a": 1}}
+    assert done.stderr == "printed line\nto stderr\n"
+    again = faas_cli(cli_server, "logs", ok_id)
+    assert (again.returncode, again.stdout, again.stderr) == (0, done.stdout, done.stderr), "a replay is the same"
+
+    failed = faas_cli(cli_server, "logs", fail_id)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith("before\nfaas: error: "), failed.stderr
+    assert "async bad 3" in failed.stderr and "line 2" in failed.stderr, failed.stderr
+
+
+def test_logs_follows_a_running_call_to_its_end(cli_server, tmp_path, uid):
+    root = tmp_path / "fns"
+    write(root, "slow.py", 'import time\nprint("first", flush=True)\ntime.sleep(3)\nprint("second")\nreturn 42\n')
+    assert faas_cli(cli_server, "deploy", str(root), "--prefix", uid).returncode == 0
+    call_id = submit(cli_server, f"{uid}/slow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAAS_")}
+    env.update(FAAS_URL=cli_server.url, FAAS_TOKEN=TOKEN)
+    proc = subprocess.Popen([sys.executable, str(REPO / "faas.py"), "logs", call_id], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == "first\n"
+        assert proc.poll() is None, "the first line arrived while the call still ran"
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (0, "42\n", "second\n")
+    assert assert_ok(cli_server.get(f"/calls/{call_id}", headers=AUTH))["status"] == "ok"
+
+
+def test_logs_of_an_unknown_call_is_an_error(cli_server):
+    for call_id in ("0123456789abcdef0123456789abcdef", "not-an-id"):
+        done = faas_cli(cli_server, "logs", call_id)
+        assert done.returncode == 1 and done.stdout == "", (done.returncode, done.stdout)
+        assert f"no call {call_id}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    refused = faas_cli(cli_server, "logs", "0123456789abcdef0123456789abcdef", token="wrong")
+    assert refused.returncode == 1 and "Bearer" in refused.stderr, refused.stderr
+    assert cli_server.get("/healthz").status == 200
 
 
 def test_settings_differ_compares_what_the_server_reports():

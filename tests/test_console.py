@@ -400,8 +400,85 @@ def test_health_and_calls_feature_detection(tab, console_server, uid):
     assert drawn, "the sparkline is drawn"
     assert page.inner_text("#health-badge") == "ok"
     assert "runs in flight" in page.inner_text("#health")
-    calls_route = console_server.get("/calls", headers=AUTH).status
-    assert page.is_hidden("[data-view=calls]") == (calls_route == 404)
+    assert console_server.get("/calls", headers=AUTH).status == 200
+    assert page.is_visible("[data-view=calls]"), "this server keeps call records"
+
+
+def submit(server, path, body=None):
+    """An asynchronous call: 202 with its id."""
+    r = server.post(f"/run/{path}?async=1", body or {}, headers=AUTH)
+    assert r.status == 202, (r.status, r.body)
+    return r.body["id"]
+
+
+def call_row(page, call_id):
+    return page.locator(f"#calls tbody tr[data-id='{call_id}']")
+
+
+def test_calls_panel_lists_records_and_shows_them_as_text(tab, console_server, uid):
+    path, failing = f"{uid}/x-async", f"{uid}/async-fail"
+    upload(console_server, path, f"import sys\nprint({XSS!r})\nprint('to stderr', file=sys.stderr)\n"
+                                 f"return {{'echo': event, {XSS!r}: 1}}")
+    upload(console_server, failing, "print('before')\nraise ValueError('async boom')")
+    ok_id = submit(console_server, path, {"input": {"n": 5}})
+    fail_id = submit(console_server, failing)
+    for call_id in (ok_id, fail_id):
+        record = assert_ok(console_server.get(f"/calls/{call_id}?wait=30", headers=AUTH))
+        assert record["status"] in ("ok", "error"), record
+
+    page = tab.sign_in().page
+    assert page.is_visible("[data-view=calls]")
+    page.click("[data-view=calls]")
+    call_row(page, ok_id).wait_for()
+    cells = call_row(page, ok_id).locator("td").all_inner_texts()
+    assert cells[0] == ok_id[:12] and cells[1] == path and cells[2] == "ok", cells
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[3]), cells
+    assert call_row(page, fail_id).locator("td").nth(2).inner_text() == "error"
+
+    call_row(page, ok_id).click()
+    page.wait_for_selector("#call-result .facts:has-text('status ok')")
+    assert ok_id in page.inner_text("#call-head") and path in page.inner_text("#call-head")
+    assert page.inner_text("#call-log").rstrip("\n") == f"{XSS}\nto stderr"
+    assert page.locator("#call-log .stderr").inner_text() == "to stderr\n"
+    assert json.loads(page.inner_text("#call-result pre")) == {"echo": {"n": 5}, XSS: 1}
+
+    call_row(page, fail_id).click()
+    page.wait_for_selector("#call-result .facts:has-text('status error')")
+    assert page.inner_text("#call-log").rstrip("\n") == "before"
+    text = page.inner_text("#call-result pre")
+    assert "async boom" in text and "at line 2" in text, text
+
+    page.select_option("#calls-status", "error")
+    wait_js(page, f"!document.querySelector(\"#calls tbody tr[data-id='{ok_id}']\")")
+    assert call_row(page, fail_id).count() == 1
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img").count() == 0 and page.locator("script").count() == 1
+
+
+def test_calls_panel_follows_a_running_call_to_its_end(tab, console_server, uid):
+    path = f"{uid}/async-slow"
+    upload(console_server, path, "import time\nprint('started', flush=True)\ntime.sleep(4)\nprint('done')\nreturn 7")
+    call_id = submit(console_server, path)
+    running = lambda: console_server.get(f"/calls/{call_id}", headers=AUTH).body["status"] == "running"
+    assert wait_until(running, 30), "the call started"
+    page = tab.sign_in().page
+    page.click("[data-view=calls]")
+    call_row(page, call_id).wait_for()
+    assert call_row(page, call_id).locator("td").nth(2).inner_text() == "running"
+    page.evaluate("""() => {
+        window.seen = [];
+        const log = document.getElementById('call-log'), result = document.getElementById('call-result');
+        new MutationObserver(() => window.seen.push([log.textContent, result.textContent]))
+            .observe(document.getElementById('view-calls'), {childList: true, subtree: true, characterData: true});
+    }""")
+    call_row(page, call_id).click()
+    page.wait_for_selector("#call-result .facts:has-text('status ok')", timeout=60_000)
+    assert page.inner_text("#call-log").rstrip("\n") == "started\ndone"
+    assert page.inner_text("#call-result pre") == "7"
+    seen = page.evaluate("window.seen")
+    while_running = [result for log, result in seen if "started" in log and "done" not in log]
+    assert while_running and all("status ok" not in result for result in while_running), seen
+    wait_js(page, f"document.querySelector(\"#calls tbody tr[data-id='{call_id}'] td:nth-child(3)\").textContent === 'ok'")
 
 
 # --------------------------------------------------------------------------- cost, foreign requests, widths
