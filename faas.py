@@ -6076,7 +6076,11 @@ class Handler(CallRoutes, http.server.BaseHTTPRequestHandler):
     def put_secrets(self, path: str, values: dict[str, str] | None = None) -> None:
         """Replace the function's secrets (write-only: the answer names them, never a value)."""
         check_path(path)
-        values = check_secrets(self.read_json()) if values is None else values
+        if values is None:
+            if self.headers.get("Content-Length", "").strip() in ("", "0"):   # never clear them by accident
+                raise ApiError(400, "send a JSON object of secret names to values ({} removes them all, "
+                                    "as DELETE does)")
+            values = check_secrets(self.read_json())
         if self.app.store.find(path) is None:
             raise ApiError(404, f"no function at path '{path}'")
         names = self.app.secrets.replace(path, values)

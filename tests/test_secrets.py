@@ -127,6 +127,9 @@ def test_a_replacing_put_and_an_empty_put(srv, uid):
     assert assert_ok(srv.request("DELETE", f"/functions/{path}/secrets"))["secrets"] == []
     assert assert_ok(srv.run(path))["data"]["API_KEY"] is None
     assert assert_error(srv.request("PATCH", f"/functions/{path}/secrets", {}), 405)
+    assert_ok(put(srv, path, {"API_KEY": VALUE}))
+    assert "JSON object" in assert_error(put(srv, path, None), 400)["error"]   # no body: kept
+    assert assert_ok(srv.get(f"/functions/{path}/secrets"))["secrets"] == ["API_KEY"]
 
 
 def test_no_function_path_ends_in_secrets(srv, uid):
