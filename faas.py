@@ -3370,8 +3370,8 @@ def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
 # ==========================================================================================
 # Python calls are forked from one long-lived, pre-imported interpreter instead of a
 # bwrap + interpreter start each (research/forkserver.md, design (a)): ~7 ms of CPU per
-# call instead of ~25. The zygote runs in a bwrap sandbox of its own whose uid 0 is host
-# uid 65534 and whose capabilities exist in its own user namespace only; every call is a
+# call instead of ~25. The zygote runs in a bwrap sandbox of its own whose uid 0 is faas's
+# sandbox uid on the host and whose capabilities exist in its own user namespace only; every call is a
 # child in fresh namespaces that gives all of them up before the request is read
 # (wrappers/zygote.py). This section sits below Sandbox.start: the run's cgroup, the pool,
 # complete/pump/finish and outcomes are the same on both paths. While no zygote is up,
@@ -3433,8 +3433,9 @@ class ZygoteProcess:
         machine = platform.machine()
         fds = [seccomp_fd(seccomp_program(machine, ZYGOTE_ALLOWED, refuse_new_userns=True)),
                seccomp_fd(seccomp_program(machine, refuse_new_userns=True)), theirs.fileno()]
+        base = sandbox.base_argv   # a call's uid and gid are those a bwrap sandbox has
         command = [*argv, "--seccomp", str(fds[0]), "--", "/usr/bin/python3", "-I", ZYGOTE_IN_SANDBOX,
-                   str(fds[2]), str(fds[1])]
+                   str(fds[2]), str(fds[1]), base[base.index("--uid") + 1], base[base.index("--gid") + 1]]
         try:
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          pass_fds=fds, env=SANDBOX_HOST_ENV, cwd="/")
@@ -3618,8 +3619,8 @@ class Zygote:
         self.first_try.wait(ZYGOTE_READY_SECONDS + 5)
 
     def build_argv(self) -> list[str]:
-        """faas's bwrap flags, except: uid/gid 0 in the sandbox's user namespace (host
-        65534), user namespaces allowed (each call makes its own; the seccomp rule refuses
+        """faas's bwrap flags, except: uid/gid 0 in the sandbox's user namespace (faas's
+        sandbox uid on the host), user namespaces allowed (each call makes its own; the seccomp rule refuses
         them to calls), the ZYGOTE_CAPABILITIES there instead of none (SETFCAP maps the
         zygote's uid 0 in a call's user namespace, NET_ADMIN brings up a call's lo). A
         nested user namespace or --disable-userns would lock the mounts and calls could not

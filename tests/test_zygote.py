@@ -186,8 +186,10 @@ return {"status": {k: status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", 
         assert int(status[cap], 16) == 0, status
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
     assert status["Seccomp_filters"] == "2", status   # the zygote's and the call's own
-    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4, status
-    assert got["uid_map"] == ["65534", "0", "1"] and got["gid_map"] == ["65534", "0", "1"], got
+    uid = zserver.get("/healthz").body["sandbox_uid"]   # as in a bwrap sandbox: faas's own user
+    gid = str(pwd.getpwuid(uid).pw_gid)
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [gid] * 4, status
+    assert got["uid_map"] == [str(uid), "0", "1"] and got["gid_map"] == [gid, "0", "1"], got
     assert got["setgroups"] == "deny"
     assert got["cgroup"] == ["/"], got
     assert got["pids"] == [1, 2] and got["me"] == [2, 1], got

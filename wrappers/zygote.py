@@ -1,9 +1,9 @@
 """The Python zygote: one long-lived process that forks a fresh sandbox for every Python call.
 
-    /usr/bin/python3 -I zygote.py CONTROL_FD CALL_SECCOMP_FD
+    /usr/bin/python3 -I zygote.py CONTROL_FD CALL_SECCOMP_FD CALL_UID CALL_GID
 
 It runs inside one bwrap sandbox of its own (faas's flags, except uid 0 *in its own user
-namespace*, which is host uid 65534, and CAP_SYS_ADMIN/CAP_SETPCAP/CAP_SETFCAP there only).
+namespace*, which is faas's sandbox uid on the host, and CAP_SYS_ADMIN/CAP_SETPCAP/CAP_SETFCAP there only).
 It imports the Python wrapper once, then, per call, clones a child that becomes the call's
 sandbox (research/forkserver.md, design (a)):
 
@@ -11,7 +11,7 @@ sandbox (research/forkserver.md, design (a)):
   and `_exit(125)` on any failure: joins the call's cgroups through the files the server
   (root) opened, unshares a cgroup namespace rooted there, brings up lo, mounts a fresh /tmp, /dev/shm,
   devpts and /proc (+ read-only /proc/sys),
-  enters a user namespace of its own (uid/gid 65534: no capability over any namespace it
+  enters a user namespace of its own (bwrap's uid/gid for a call: no capability over any namespace it
   lives in, all of which belong to the zygote's), drops every capability, sets
   no_new_privs and the call's seccomp filter (faas's deny-list, plus clone(CLONE_NEWUSER)
   and clone3 refused), then forks
@@ -67,7 +67,7 @@ SYSCALLS = {   # the few calls the os module lacks: x86_64, aarch64
     "aarch64": {"clone": 220, "capset": 91, "capget": 90, "gettid": 178},
 }[os.uname().machine]
 CAP_LAST = int(open("/proc/sys/kernel/cap_last_cap").read())
-SANDBOX_ID = 65534          # the call's uid and gid, as under bwrap today
+CALL_UID = CALL_GID = -1   # the uid and gid a bwrap sandbox has: set by main()
 MAX_FDS = 16                # 4 pipes + at most 12 cgroup join files
 BASE_ENV = dict(os.environ)  # bwrap's --clearenv + PATH, HOME, LANG
 
@@ -208,10 +208,11 @@ def loopback_up():
 
 
 def own_user_namespace():
-    """A user namespace nested in the zygote's, uid/gid 65534 mapped to its 0 (host 65534)."""
+    """A user namespace nested in the zygote's, the call's uid/gid mapped to its 0 (the
+    zygote's own host uid and gid)."""
     check(libc.unshare(CLONE_NEWUSER), "unshare user")
-    for name, text in (("setgroups", b"deny"), ("uid_map", b"%d 0 1" % SANDBOX_ID),
-                       ("gid_map", b"%d 0 1" % SANDBOX_ID)):
+    for name, text in (("setgroups", b"deny"), ("uid_map", b"%d 0 1" % CALL_UID),
+                       ("gid_map", b"%d 0 1" % CALL_GID)):
         fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
         try:
             expect(os.write(fd, text) == len(text), f"write {name}")
@@ -220,11 +221,11 @@ def own_user_namespace():
 
 
 def drop_everything():
-    """No capability in any set, uid and gid 65534, no_new_privs, seccomp; each checked."""
+    """No capability in any set, the call's uid and gid, no_new_privs, seccomp; each checked."""
     for cap in range(CAP_LAST + 1):
         check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop bounding set")
-    os.setresgid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
-    os.setresuid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
+    os.setresgid(CALL_GID, CALL_GID, CALL_GID)
+    os.setresuid(CALL_UID, CALL_UID, CALL_UID)
     check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient")
     header, data = CapHeader(0x20080522, 0), (CapData * 2)()
     check(libc.syscall(SYSCALLS["capset"], ctypes.byref(header), ctypes.byref(data)), "capset")
@@ -236,7 +237,7 @@ def drop_everything():
            "capabilities left")
     expect(all(libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 0 for cap in range(CAP_LAST + 1)),
            "bounding set not empty")
-    expect(os.getresuid() == (SANDBOX_ID,) * 3 and os.getresgid() == (SANDBOX_ID,) * 3, "ids")
+    expect(os.getresuid() == (CALL_UID,) * 3 and os.getresgid() == (CALL_GID,) * 3, "ids")
     expect(libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1, "no_new_privs not set")
     expect(libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) == 2, "seccomp not in filter mode")
 
@@ -478,13 +479,13 @@ class Zygote:
 
 
 def main(argv):
-    global CALL_FILTER
+    global CALL_FILTER, CALL_UID, CALL_GID
     for fd in (0, 1, 2):   # fds received later must never land on 0..2
         try:
             os.fstat(fd)
         except OSError:
             os.open("/dev/null", os.O_RDWR)
-    control_fd, filter_fd = int(argv[0]), int(argv[1])
+    control_fd, filter_fd, CALL_UID, CALL_GID = (int(arg) for arg in argv[:4])
     CALL_FILTER = read_filter(filter_fd)
     Zygote(socket.socket(fileno=control_fd)).serve()
 
