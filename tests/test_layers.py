@@ -176,7 +176,9 @@ def wheels(space):
     make_wheel(wh, "faasmiss", "1.0", "X = 'rebuilt'\n")
     make_wheel(wh, "faasredis", "1.0", "X = 'from-lock'\n")
     # Imported before the wrapper read its request (a warm sandbox) or while the call runs.
-    make_wheel(wh, "faaswarm", "1.0", "import __main__\nBEFORE_REQUEST = __main__.USER_CODE is None\n")
+    # the wrapper is __main__ on the bwrap path and the module `python` in a zygote's call
+    make_wheel(wh, "faaswarm", "1.0", "import sys\nwrapper = sys.modules.get('python') or sys.modules['__main__']\n"
+                                      "BEFORE_REQUEST = wrapper.USER_CODE is None\n")
     make_wheel(wh, "faasbig", "1.0", "X = 1\n", files={f"faasbig_data/part{i}.bin": os.urandom(100_000)
                                                      for i in range(20)})
     return wh
