@@ -1,6 +1,7 @@
 """Per-function secrets: PUT /functions/<path>/secrets (admin), write-only, encrypted at rest
 apart from the code in both stores, handed to that function's calls only as environment
 variables. Everything through the real server, real bwrap, real redis-server."""
+import hashlib
 import json
 import os
 import stat
@@ -80,16 +81,17 @@ def test_a_function_reads_its_secrets_and_no_other_function_does(srv, uid):
 
 
 def test_an_asynchronous_call_reads_its_functions_secrets(srv, uid):
-    """A queued call runs through the same needs as a sync one: its secrets reach it, and
-    its record holds its answer, never more of them than the function returned."""
+    """A queued call runs through the same needs as a sync one: its secrets reach it. (It
+    answers a digest: a record keeps the answer, and the function's answer is its own.)"""
     owner = f"{uid}/async-owner"
-    srv.upload(owner, "python", READ_PY)
+    srv.upload(owner, "python", "import hashlib, os\n"
+                                "return hashlib.sha256(os.environ.get('API_KEY', '').encode()).hexdigest()")
     assert_ok(put(srv, owner, {"API_KEY": VALUE}))
     r = srv.post(f"/run/{owner}?async=1", {})
     assert r.status == 202, (r.status, r.body)
     done = assert_ok(srv.get(f"/calls/{r.body['id']}?wait=30", timeout=40))
-    assert done["status"] == "ok" and done["data"]["API_KEY"] == VALUE, done
-    assert OTHER not in json.dumps(done)
+    assert done["status"] == "ok" and done["data"] == hashlib.sha256(VALUE.encode()).hexdigest(), done
+    assert VALUE not in json.dumps(done)
 
 
 def test_values_never_leave_through_routes_logs_metrics_or_the_store(srv, uid):
