@@ -6697,7 +6697,9 @@ def uninstall(prefix: Path, purge: bool) -> int:
     return 0
 
 
-# -- client commands: deploy, call, ls, logs (talk to a running server over HTTP) ----------
+# ==========================================================================================
+# 8b. Client commands: deploy, call, ls, logs (talk to a running server over HTTP)
+# ==========================================================================================
 
 CLIENT_COMMANDS = ("deploy", "call", "ls", "logs")
 SOURCE_LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript"}
@@ -6990,6 +6992,10 @@ def run_client(args: Any) -> int:
     except KeyboardInterrupt:
         return 130
 
+
+# ==========================================================================================
+# 8c. Command line: library commands, arguments and dispatch
+# ==========================================================================================
 
 def run_deps(config: Config, action: str, dry_run: bool) -> int:
     """`faas.py deps ls|prefetch|gc`: the layer store of this node against the locks that
