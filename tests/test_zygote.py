@@ -406,6 +406,17 @@ def run_cgroups(server):
     return found
 
 
+def open_fds(pid):
+    """fd -> link target of a running process (its other threads open and close fds meanwhile)."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass   # closed since the listing
+    return found
+
+
 def control_socket_of(server):
     """A duplicate of the server's end of its zygote's control socket (pidfd_getfd, as root)."""
     inodes = {}
@@ -413,9 +424,8 @@ def control_socket_of(server):
         fields = line.split()
         if fields[4] == "0005":   # SOCK_SEQPACKET
             inodes[fields[6]] = fields
-    fd_dir = Path(f"/proc/{server.proc.pid}/fd")
-    ours = [int(fd.name) for fd in fd_dir.iterdir()
-            if (m := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))) and m.group(1) in inodes]
+    ours = [int(fd) for fd, target in open_fds(server.proc.pid).items()
+            if (m := re.fullmatch(r"socket:\[(\d+)\]", target)) and m.group(1) in inodes]
     assert len(ours) == 1, ours
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
