@@ -1353,8 +1353,9 @@ class Layers:
     def warm_argv(self, runtime: Runtime, deps: dict[str, Any], code: str) -> tuple[str, ...] | None:
         """The pool entry of this version's warm sandboxes: its interpreter started with the
         layer added and the layer's modules the code imports already imported. Registered
-        on the first call; at most FAAS_DEPS_WARM_LAYERS of them, least recently called
-        dropped. None when there is nothing worth preloading."""
+        on the first call, which imports them itself (so it never races the first warm
+        sandbox's start); at most FAAS_DEPS_WARM_LAYERS of them, least recently called
+        dropped. None when there is nothing worth preloading, or not yet."""
         if not self.deps.warm or self.pool is None:
             return None
         modules = self.preload_modules(deps, code)
@@ -1372,7 +1373,7 @@ class Layers:
             self.pool.remove(old)
         if not known:
             self.pool.add(argv, self.deps.warm)
-        return argv
+        return argv if known else None
 
     def preload_modules(self, deps: dict[str, Any], code: str) -> tuple[str, ...]:
         """Top-level modules of the layer that the code imports (Python), or requested
