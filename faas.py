@@ -3383,6 +3383,7 @@ ZYGOTE_IN_SANDBOX = f"{WRAPPERS_IN_SANDBOX}/zygote.py"
 ZYGOTE_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_ADMIN")   # in its user ns only
 ZYGOTE_ALLOWED = ("mount", "unshare")   # what the zygote needs of the deny-list
 ZYGOTE_READY_SECONDS = 15.0
+ZYGOTE_FORK_SECONDS = 3.0   # a zygote that has not forked a call by then is hung (stopped): replaced
 ZYGOTE_RESTART_DELAY = 1.0   # after a zygote died: not a tight loop if something kills each one
 
 
@@ -3401,10 +3402,18 @@ class ZygoteCall:
         self.cpu_seconds: float | None = None
         self.setup_error: str | None = None   # the zygote could not set its sandbox up
         self.exited = threading.Event()
+        self.forked = threading.Event()   # the zygote cloned the call's process
+        self.answered = threading.Event()   # forked, refused, or the zygote is gone
 
     def exit(self, code: int, cpu_seconds: float | None) -> None:
         self.returncode, self.cpu_seconds = code, cpu_seconds
         self.exited.set()
+        self.answered.set()
+
+    def close(self) -> None:
+        """The server's ends of the pipes, for a call that never ran."""
+        for stream in (self.stdin, self.stdout, self.stderr):
+            stream.close()
 
     def wait_exit(self, wait: float) -> tuple[int | None, float | None]:
         if self.exited.wait(wait):
@@ -3430,6 +3439,7 @@ class ZygoteProcess:
         self.born = time.monotonic()
         self.retired = False
         self.dead = False
+        self.hung = False   # killed because it did not fork a call in time
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         machine = platform.machine()
         fds = [seccomp_fd(seccomp_program(machine, ZYGOTE_ALLOWED, refuse_new_userns=True)),
@@ -3462,7 +3472,8 @@ class ZygoteProcess:
     def spawn(self, args: list[str], limits: Limits, cgroup: RunCgroup,
               backend_name: str) -> tuple[ZygoteCall, int] | None:
         """Ask the zygote for a call's sandbox: (the call, the result pipe's read end), or
-        None when this zygote cannot take it (dead or retired)."""
+        None when this zygote cannot take it (dead, retired, ended before it forked the
+        call, or hung: then it is killed), and the caller takes the bwrap path."""
         token = uuid.uuid4().hex[:16]
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]   # stdin, stdout, stderr, result
         ours = [pipes[0][1], *(read_end for read_end, _ in pipes[1:])]
@@ -3489,10 +3500,31 @@ class ZygoteProcess:
             for fd in theirs:
                 os.close(fd)
             if not taken:
-                for stream in (call.stdin, call.stdout, call.stderr):
-                    stream.close()
+                call.close()
                 os.close(ours[3])
-        return (call, ours[3]) if taken else None
+        if not taken:
+            return None
+        if not call.answered.wait(ZYGOTE_FORK_SECONDS):
+            self.hang()
+        if call.forked.is_set() or call.setup_error is not None:   # refused: complete reports it
+            return call, ours[3]
+        with self.lock:
+            self.calls.pop(token, None)
+        call.close()
+        os.close(ours[3])
+        return None
+
+    def hang(self) -> None:
+        """The zygote did not fork a call in time (stopped, or stuck): no more calls go to
+        it, and it is killed; its dispatcher then ends its calls and a new one is started."""
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = self.hung = True
+        LOG.error("zygote %d did not fork a call within %.0f s: killed; calls take the bwrap path until "
+                  "another is up", self.generation, ZYGOTE_FORK_SECONDS)
+        self.cgroup.kill()
+        self.proc.kill()   # with --die-with-parent, the zygote and its calls go too (rlimit mode: no cgroup)
 
     def kill(self, token: str) -> None:
         with self.lock:
@@ -3512,7 +3544,9 @@ class ZygoteProcess:
             if not message:
                 break
             kind, _, rest = message.decode("ascii", "replace").partition(" ")
-            if kind == "exit":
+            if kind == "forked":
+                self.forked(rest)
+            elif kind == "exit":
                 self.exited(rest)
             elif kind == "fail":
                 self.failed(rest)
@@ -3530,6 +3564,13 @@ class ZygoteProcess:
                       self.generation, len(lost))
         self.stop()
         self.on_exit(self)
+
+    def forked(self, token: str) -> None:
+        with self.lock:
+            call = self.calls.get(token)
+        if call is not None:
+            call.forked.set()
+            call.answered.set()
 
     def exited(self, report: str) -> None:
         try:
@@ -3609,7 +3650,8 @@ class Zygote:
         self.python = RUNTIMES["python"].argv
         self.current: ZygoteProcess | None = None
         self.lock = threading.Lock()
-        self.stats = {"started": 0, "died": 0, "recycled": 0, "calls": 0, "fallbacks": 0, "start_failures": 0}
+        self.stats = {"started": 0, "died": 0, "recycled": 0, "calls": 0, "fallbacks": 0, "start_failures": 0,
+                      "hung": 0}
         self.wake = threading.Event()
         self.closing = threading.Event()
         self.first_try = threading.Event()
@@ -3704,6 +3746,7 @@ class Zygote:
             if self.current is process:
                 self.current = None
                 self.stats["died"] += 1
+                self.stats["hung"] += process.hung
                 self.restart_after = time.monotonic() + ZYGOTE_RESTART_DELAY
         self.wake.set()
 

@@ -471,6 +471,7 @@ class Zygote:
             os.close(self.wake_w)
             child_b(request, fds, self.control)
         self.running[pid] = request["id"]
+        self.reply(f"forked {request['id']}")   # the server waits for this: a hung zygote is seen at once
 
     def kill(self, token):
         for pid, running in self.running.items():
