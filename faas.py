@@ -506,6 +506,17 @@ class SQLiteStore:
                 return
 
 
+def redis_client(url: str, timeout: float, **options: Any) -> Any:
+    """A client for request paths: one immediate retry (a dropped connection is re-opened),
+    no backoff, so while Redis is down a request is a 503 at once, not after redis-py's
+    default backoff of about 4 s (research/async.md)."""
+    import redis  # only needed with Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 1), health_check_interval=30, **options)
+
+
 class RedisStore:
     """Versions in Redis under readable keys, all starting with the configured prefix:
     `<prefix>functions` (set of paths), `<prefix>function:<path>` (hash: latest, high_water,
@@ -552,9 +563,7 @@ class RedisStore:
     """
 
     def __init__(self, url: str, prefix: str, timeout: float) -> None:
-        import redis  # only needed with a Redis store
-        self.redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                          health_check_interval=30)
+        self.redis = redis_client(url, timeout)
         self.prefix = prefix
         self.put_script = self.redis.register_script(self.PUT_SCRIPT)
         self.delete_script = self.redis.register_script(self.DELETE_SCRIPT)
@@ -5063,16 +5072,11 @@ class RedisCalls:
 
     def __init__(self, store: RedisStore, config: Config, calls: Calls) -> None:
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
         self.calls = calls
         self.config = config.calls
         self.prefix = config.redis_prefix
         timeout = config.redis_timeout
-        # Request paths: one quick retry, so an outage is a 503 at once, not after 4 s.
-        self.redis = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=timeout,
-                                          socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-                                          health_check_interval=30)
+        self.redis = redis_client(config.redis_url, timeout, decode_responses=True)
         self.blocking = redis.Redis.from_url(config.redis_url, decode_responses=True,
                                              socket_timeout=max(timeout, self.BLOCK_MS / 1000 + 2),
                                              socket_connect_timeout=timeout, health_check_interval=30)
