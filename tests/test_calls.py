@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,32 @@ def test_queue_depth_is_bounded_and_a_call_queued_too_long_expires(bounded):
         done = final(bounded, call_id)
         assert done["status"] == "expired" and done["started"] is None, done
     assert final(bounded, busy)["status"] == "ok"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_concurrent_submits_to_a_full_queue_each_get_their_own_answer(faas, store):
+    """Submits that arrive together may share one commit (SQLite): exactly
+    FAAS_ASYNC_MAX_QUEUE of them are accepted, each accepted one runs, and nothing refused
+    is kept."""
+    s = faas.start(store=store, env={"FAAS_MAX_RUNS": "1", "FAAS_POOL_SIZE": "0",
+                                     "FAAS_ASYNC_MAX_QUEUE": "3", "FAAS_ASYNC_MAX_AGE": "60"})
+    try:
+        s.upload("sleep", "python", SLEEPER)
+        busy = submitted(s, "sleep", {"s": 2})
+        until_status(s, busy, ("running",))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda n: submit(s, "sleep", {"s": 0, "n": n}), range(16)))
+        accepted = {r.body["id"]: r.body for r in answers if r.status == 202}
+        assert len(accepted) == 3 and all(r.status in (202, 429) for r in answers), \
+            [(r.status, r.body) for r in answers]
+        assert all(record(s, call_id)["status"] in ("queued", "running", "ok") for call_id in accepted)
+        assert final(s, busy)["status"] == "ok"
+        for call_id in accepted:
+            assert final(s, call_id)["status"] == "ok"
+        assert len([c for c in s.get("/calls?limit=100").body["calls"]
+                    if c["path"] == "sleep"]) == 4   # nothing refused was kept
+    finally:
+        s.stop()
 
 
 def test_records_go_after_their_retention(bounded):
