@@ -478,3 +478,19 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call = rep
+
+
+# Fixtures whose servers pin FAAS_ZYGOTE themselves, once per spawn path (ids zygote, bwrap).
+SPAWN_PATH_FIXTURES = {"limited_server", "fleet"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """With FAAS_TEST_ZYGOTE set (.ci/run's second pass, every other server on one path),
+    tests parametrized over both spawn paths would only repeat themselves: deselected."""
+    if not os.environ.get("FAAS_TEST_ZYGOTE"):
+        return
+    pinned = [item for item in items
+              if SPAWN_PATH_FIXTURES & set(getattr(getattr(item, "callspec", None), "params", {}))]
+    if pinned:
+        config.hook.pytest_deselected(items=pinned)
+        items[:] = [item for item in items if item not in pinned]
