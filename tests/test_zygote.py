@@ -353,7 +353,10 @@ def test_memory_holds_nothing_of_an_earlier_call_or_of_the_server(zserver):
 
 # --------------------------------------------------------------------------- failures
 
-def test_zygote_killed_mid_call_fails_the_call_cleanly_and_is_restarted(faas):
+@pytest.fixture
+def mid_call(faas):
+    """A server without a pool whose zygote runs a call that sleeps 20 s: (server, zygote
+    pid, the call's marker, its thread, the box its answer lands in)."""
     s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0"})
     try:
         assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
@@ -361,52 +364,46 @@ def test_zygote_killed_mid_call_fails_the_call_cleanly_and_is_restarted(faas):
         mark = marker()
         thread, box = in_background(s, sleeper(mark, 20) + "return 1")
         assert wait_until(lambda: running_marker(mark), timeout=10)
-        os.kill(zpid, signal.SIGKILL)
-        thread.join()
-        r = box["r"]
-        assert r.status == 500 and r.body.get("status") == "killed" and isinstance(r.body.get("error"), str), r.body
-        assert wait_until(lambda: not running_marker(mark), timeout=5), "the call outlived its zygote"
-        assert wait_until(lambda: zygote(s)["state"] == "up" and zygote(s)["died"] == 1, timeout=20), zygote(s)
-        assert the_zygote(s) != zpid
-        assert value(run(s, "return 'after'")) == "after"
-        assert spawn_paths(s)["zygote"] >= 2
-        assert wait_until(lambda: len(run_cgroups(s)) == 1, timeout=10), run_cgroups(s)   # the zygote's own
+        yield s, zpid, mark, thread, box
     finally:
         s.stop()
     assert "Traceback" not in s.stderr_text()
 
 
-def test_a_stopped_zygote_is_replaced_and_the_call_that_found_it_takes_the_bwrap_path(faas):
+def assert_replaced(s, zpid, mark, thread, box, counter):
+    """The running call ended `killed` (not at its time limit), nothing of it is left, and
+    another zygote is up, `counter` (died, hung) counting the old one."""
+    thread.join()
+    r = box["r"]
+    assert r.status == 500 and r.body.get("status") == "killed" and isinstance(r.body.get("error"), str), r.body
+    assert wait_until(lambda: not running_marker(mark), timeout=5), "the call outlived its zygote"
+    assert wait_until(lambda: zygote(s)["state"] == "up" and zygote(s)[counter] == 1, timeout=20), zygote(s)
+    assert the_zygote(s) != zpid and not alive({zpid})
+    before = spawn_paths(s)["zygote"]
+    assert value(run(s, "return 'forked again'")) == "forked again"
+    assert spawn_paths(s)["zygote"] == before + 1
+    assert wait_until(lambda: len(run_cgroups(s)) == 1, timeout=10), run_cgroups(s)   # the zygote's own
+
+
+def test_zygote_killed_mid_call_fails_the_call_cleanly_and_is_restarted(mid_call):
+    s, zpid, mark, thread, box = mid_call
+    os.kill(zpid, signal.SIGKILL)
+    assert_replaced(s, zpid, mark, thread, box, "died")
+
+
+def test_a_stopped_zygote_is_replaced_and_the_call_that_found_it_takes_the_bwrap_path(mid_call):
     """SIGSTOP leaves the zygote alive but deaf: the next call is not left waiting for its
     time limit, the zygote is killed with the calls it had, and another one takes over."""
-    s = faas.start(store="sqlite", env={"FAAS_ZYGOTE": "on", "FAAS_POOL_SIZE": "0"})
+    s, zpid, mark, thread, box = mid_call
+    before = spawn_paths(s).get("bwrap", 0)
+    os.kill(zpid, signal.SIGSTOP)
     try:
-        assert wait_until(lambda: zygote(s)["state"] == "up", timeout=20)
-        zpid = the_zygote(s)
-        mark = marker()
-        thread, box = in_background(s, sleeper(mark, 20) + "return 1")
-        assert wait_until(lambda: running_marker(mark), timeout=10)
-        before = spawn_paths(s).get("bwrap", 0)
-        os.kill(zpid, signal.SIGSTOP)
-        try:
-            assert value(run(s, "return 'fell back'")) == "fell back"
-        finally:
-            if zpid in alive({zpid}):
-                os.kill(zpid, signal.SIGCONT)
-        assert spawn_paths(s)["bwrap"] == before + 1
-        thread.join()
-        r = box["r"]
-        assert r.status == 500 and r.body.get("status") == "killed", r.body   # not its time limit
-        assert wait_until(lambda: not running_marker(mark), timeout=5), "the call outlived its zygote"
-        assert wait_until(lambda: zygote(s)["state"] == "up" and zygote(s)["hung"] == 1, timeout=20), zygote(s)
-        assert the_zygote(s) != zpid and not alive({zpid})
-        before = spawn_paths(s)["zygote"]
-        assert value(run(s, "return 'forked again'")) == "forked again"
-        assert spawn_paths(s)["zygote"] == before + 1
-        assert wait_until(lambda: len(run_cgroups(s)) == 1, timeout=10), run_cgroups(s)   # the zygote's own
+        assert value(run(s, "return 'fell back'")) == "fell back"
     finally:
-        s.stop()
-    assert "Traceback" not in s.stderr_text()
+        if alive({zpid}):
+            os.kill(zpid, signal.SIGCONT)
+    assert spawn_paths(s)["bwrap"] == before + 1
+    assert_replaced(s, zpid, mark, thread, box, "hung")
 
 
 def test_while_the_zygote_is_down_python_calls_take_the_bwrap_path(faas):
