@@ -2492,9 +2492,10 @@ class Sandbox:
         return self.complete(self.start(argv, limits, result_fd), stdin, limits, sink, since=began)
 
     def discard(self, started: "Started") -> Outcome:
-        """End a sandbox that never got a request (pool recycling, failed start)."""
+        """End a sandbox that never got a request (pool recycling, failed start, shutdown):
+        it would wait for one, so it is killed at once."""
         outcome = Outcome()
-        self.finish(started, outcome)
+        self.finish(started, outcome, grace=0)
         return outcome
 
     def privilege_drop(self, cgroup: RunCgroup) -> list[str]:
@@ -2567,15 +2568,16 @@ class Sandbox:
             splitter.close()   # a last line without a newline, also after a timeout
         outcome.result = first_json_document(bytes(result))
 
-    def finish(self, started: "Started", outcome: Outcome) -> None:
+    def finish(self, started: "Started", outcome: Outcome, grace: float = 1.0) -> None:
         """End the run: kill whatever is left (the whole pid namespace dies with bwrap), reap,
-        read the counters, remove the cgroup. Safe on a process that has already exited."""
+        read the counters, remove the cgroup. Safe on a process that has already exited.
+        After a normal end, the sandbox gets `grace` seconds to exit by itself."""
         proc, cgroup = started.proc, started.cgroup
         if started.result_r >= 0:
             os.close(started.result_r)
             started.result_r = -1
         # After a normal end every pipe is closed, which bwrap does only as it exits.
-        code, cpu_seconds = reap(proc, 1.0 if outcome.status == "ok" else 0)
+        code, cpu_seconds = reap(proc, grace if outcome.status == "ok" else 0)
         if code is None:
             cgroup.kill()
             proc.kill()
