@@ -2609,6 +2609,12 @@ class Sandbox:
         cgroup.remove()
 
 
+# ==========================================================================================
+# 5a. Pool
+# ==========================================================================================
+# Sandboxes started ahead of calls, per interpreter: a call takes one and a background
+# thread starts its replacement once the answer is out.
+
 def memory_available() -> int:
     """MemAvailable from /proc/meminfo, in bytes (a large number when unknown)."""
     for line in read_text(Path("/proc/meminfo")).splitlines():
@@ -2793,7 +2799,7 @@ class Pool:
 
 
 # ==========================================================================================
-# 5a. Sandbox identity
+# 5b. Sandbox identity
 # ==========================================================================================
 # Every namespace of a sandbox is owned by the user namespace bwrap creates as the sandbox's
 # host uid, and any other process running as that uid on the host holds full capabilities
@@ -2868,7 +2874,7 @@ def resolve_sandbox_identity(config: Config, create: bool = True) -> Config:
 
 
 # ==========================================================================================
-# 5b. Secrets
+# 5c. Secrets
 # ==========================================================================================
 # Per-function values an operator sets (PUT /functions/<path>/secrets) and the function reads
 # as environment variables. Write-only: names are listed, values never leave except into
@@ -3059,7 +3065,7 @@ class Secrets:
 
 
 # ==========================================================================================
-# 5c. Network
+# 5d. Network
 # ==========================================================================================
 # Opt-in internet for a function (research/network.md): the gate, still root, makes the
 # sandbox a network namespace of its own (`unshare --net`, owned by the init user namespace
@@ -3385,7 +3391,7 @@ def read_until_eof(fd: int, deadline: float, stop_at: int = 0) -> bytes:
 
 
 # ==========================================================================================
-# 5d. Zygote
+# 5e. Zygote
 # ==========================================================================================
 # Python calls are forked from one long-lived, pre-imported interpreter instead of a
 # bwrap + interpreter start each (research/forkserver.md, design (a)): ~7 ms of CPU per
@@ -6382,6 +6388,10 @@ class Server(http.server.ThreadingHTTPServer):
                 self.connections -= 1
 
 
+# ==========================================================================================
+# 7b. Running the server: the App assembles every part, serves, drains and stops
+# ==========================================================================================
+
 def notify_systemd(message: str) -> None:
     """sd_notify(3) by hand: one datagram to $NOTIFY_SOCKET (abstract when it starts with @)."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -6571,7 +6581,7 @@ class App:
 
 
 # ==========================================================================================
-# 7b. Console (static files beside faas.py, served at / and /console)
+# 7c. Console (static files beside faas.py, served at / and /console)
 # ==========================================================================================
 
 CONSOLE_DIR = HERE / "console"
