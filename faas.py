@@ -4081,15 +4081,20 @@ class Invoker:
         is always asked of the store (servers sharing a Redis agree); its content, which
         never changes, comes from memory once read."""
         number = self.store.find(path, version)
-        found = self.versions.get((path, number)) if number is not None else None
-        if found is None and number is not None:
-            found = self.store.get(path, number)
-            if found is not None:
-                self.versions.put((path, number), found, len(found.code) + len(found.compiled or ""))
-        if found is None:
+        if number is None:
             if version is None:
                 raise ApiError(404, f"no function at path '{path}'")
             raise ApiError(404, f"function '{path}' has no version {version}")
+        return self.stored(path, number)
+
+    def stored(self, path: str, number: int) -> Version:
+        """A version the store has just said exists (its content is read once, then from memory)."""
+        found = self.versions.get((path, number))
+        if found is None:
+            found = self.store.get(path, number)
+            if found is None:
+                raise ApiError(404, f"function '{path}' has no version {number}")
+            self.versions.put((path, number), found, len(found.code) + len(found.compiled or ""))
         return found
 
     def needs(self, version: Version) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -4417,6 +4422,35 @@ def is_final(record: dict[str, Any]) -> bool:
     return record["status"] in CALL_FINAL
 
 
+class Workers:
+    """Threads that run claimed calls, kept for the next call: starting a thread per call
+    cost about a tenth of a millisecond of CPU. At most as many as run slots ever ran at
+    once, since every task holds a slot."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def run(self, task: Callable[[], None]) -> None:
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.tasks.put(task)
+                return
+        threading.Thread(target=self.work, args=(task,), name="call-worker", daemon=True).start()
+
+    def work(self, task: Callable[[], None]) -> None:
+        while True:
+            try:
+                task()
+            except Exception:
+                LOG.exception("a call worker's task failed")
+            with self.lock:
+                self.idle += 1
+            task = self.tasks.get()
+
+
 class Calls:
     """Submits, runs, waits for, follows and cancels calls on either store. Each server
     consumes queued calls with its free run slots through the same Invoker as a sync call."""
@@ -4433,6 +4467,7 @@ class Calls:
         self.stopping = threading.Event()
         self.spilling = 0
         self.callbacks = Callbacks(self.config, self)
+        self.workers = Workers()
         # Both backends answer submit, get, stored_events, finish, cancel, list,
         # set_callback and queue_state alike; queue consumption differs.
         self.backend: SQLiteCalls | RedisCalls
@@ -4529,21 +4564,25 @@ class Calls:
             self.start_run(record)
 
     def start_run(self, record: dict[str, Any]) -> None:
-        """Run a claimed call in its own thread; the caller has taken a run slot for it."""
+        """Run a claimed call on a worker thread; the caller has taken a run slot for it."""
         running = RunningCall(record)
         with self.lock:
             self.running[running.id] = running
             cancelled = running.id in self.cancel_requested
         if cancelled:
             running.cancel()
-        threading.Thread(target=self.execute, args=(running,), name=f"call-{running.id[:8]}", daemon=True).start()
+        self.workers.run(lambda: self.execute(running))
 
     def execute(self, running: RunningCall) -> None:
+        """Run a claimed call and store its result. While calls are queued and no request
+        waits for a slot, the same write claims the next queued call, which inherits the
+        slot: under load a call costs one write less and no wake-up of the consumer."""
         record = running.record
         self.metrics.observe("faas_call_queue_wait_seconds", max(0.0, record["started"] - record["created"]))
         after_answer: Callable[[], None] = lambda: None
+        slots = self.invoker.slots
         try:
-            version = self.invoker.resolve(record["path"], record["version"])
+            version = self.claimed_version(record)
             limits = Limits(**record["request"]["limits"])
             needs, extra = self.invoker.needs(version)
             code, answer, after_answer = self.invoker.invoke(
@@ -4556,40 +4595,56 @@ class Calls:
             LOG.exception("call %s failed to run", running.id)
             answer = final_answer("internal", "the server failed to run the call; see its log")
         finally:
-            self.invoker.slots.release()
+            take_next = not self.stopping.is_set() and slots.waiting == 0
+            if not take_next:
+                slots.release()
         if running.cancelled:
             answer = {key: value for key, value in answer.items() if key not in ("data", "type")}
             answer.update(final_answer("cancelled", "the call was cancelled while it ran"))
+        following = None
         try:
-            self.finish(running, answer)
+            following = self.finish(running, answer, take_next)
         finally:
             running.finish()
             with self.lock:
                 self.running.pop(running.id, None)
                 self.cancel_requested.discard(running.id)
+            if following is not None:
+                self.start_run(following)
+            elif take_next:
+                slots.release()
             after_answer()
 
-    def finish(self, running: RunningCall, answer: dict[str, Any]) -> None:
-        """The fenced final write, retried while the store is unreachable."""
+    def claimed_version(self, record: dict[str, Any]) -> Version:
+        """The version a claimed call runs: the claim checked that it still exists."""
+        if not record.get("version_exists"):
+            raise ApiError(404, f"function '{record['path']}' has no version {record['version']} "
+                                "(deleted after the call was queued)")
+        return self.invoker.stored(record["path"], record["version"])
+
+    def finish(self, running: RunningCall, answer: dict[str, Any], take_next: bool) -> dict[str, Any] | None:
+        """The fenced final write, retried while the store is unreachable. With `take_next`,
+        the same write claims the next queued call for this slot: its record, or None."""
         status = answer["status"]
         deadline = time.monotonic() + max(60.0, self.config.lease * 4)
         while True:
             try:
-                written = self.backend.finish(running, status, answer)
+                written, following = self.backend.finish(running, status, answer, take_next)
                 break
             except Exception as error:
                 if not is_store_error(error) or time.monotonic() > deadline:
                     LOG.error("call %s: its result could not be stored: %s", running.id, error)
-                    return
+                    return None
                 time.sleep(0.5)
         if not written:
             LOG.warning("call %s attempt %d: late result refused (the call was taken over or ended)",
                         running.id, running.attempt)
             self.metrics.inc("faas_calls_refused_total")
-            return
+            return None
         self.metrics.inc("faas_calls_final_total", status=status)
         if running.record.get("callback_url"):
             self.callbacks.schedule(running.id)
+        return following
 
     def ended(self, call_id: str) -> None:
         """A call ended without a run of this server's (cancelled, expired, lost): its
@@ -4901,14 +4956,20 @@ class SQLiteCalls:
         return self.row_to_record(rows[0]) if rows else None
 
     def claim(self, node: str, owner: str) -> dict[str, Any] | None:
+        return self.commits.run(lambda db: self.claim_in(db, node, owner))
+
+    def claim_in(self, db: sqlite3.Connection, node: str, owner: str) -> dict[str, Any] | None:
         """The oldest queued call that may still start, now running here (expire_queued
-        marks the others)."""
+        marks the others), and whether its version still exists."""
         now = time.time()
-        rows = self.commits.run(lambda db: db.execute(
+        rows = db.execute(
             f"UPDATE calls SET status='running', node=?, owner=?, started=?, expires=?, attempt=attempt+1 "
             f"WHERE id = (SELECT id FROM calls WHERE status='queued' AND deadline>=? ORDER BY created LIMIT 1) "
-            f"RETURNING {', '.join(self.COLUMNS)}", (node, owner, now, now + self.config.ttl, now)).fetchall())
-        return self.row_to_record(rows[0]) if rows else None
+            f"RETURNING {', '.join(self.COLUMNS)}, EXISTS (SELECT 1 FROM versions v WHERE v.path=calls.path "
+            f"AND v.version=calls.version)", (node, owner, now, now + self.config.ttl, now)).fetchall()
+        if not rows:
+            return None
+        return {**self.row_to_record(rows[0][:-1]), "version_exists": bool(rows[0][-1])}
 
     def expire_queued(self) -> list[str]:
         now = time.time()
@@ -4927,15 +4988,21 @@ class SQLiteCalls:
         mark = event_key(cursor) if cursor else (0, 0)
         return [(eid, event) for eid, event in events if event_key(eid) > mark]
 
-    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
+    def finish(self, running: RunningCall, status: str, answer: dict[str, Any],
+               take_next: bool) -> tuple[bool, dict[str, Any] | None]:
+        """(written, the next queued call claimed in the same transaction when `take_next`)."""
         now = time.time()
+        record = running.record
         values = (status, json.dumps(answer), json.dumps(running.events), now, now + self.config.ttl,
-                  running.id, running.record["owner"], running.attempt)
-        done = self.commits.run(lambda db: db.execute(
-            "UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
-            "WHERE id=? AND status='running' AND owner=? AND attempt=?", values).rowcount)
+                  running.id, record["owner"], running.attempt)
+
+        def write(db: sqlite3.Connection) -> tuple[bool, dict[str, Any] | None]:
+            done = db.execute("UPDATE calls SET status=?, answer=?, events=?, finished=?, expires=? "
+                              "WHERE id=? AND status='running' AND owner=? AND attempt=?", values).rowcount
+            return bool(done), self.claim_in(db, record["node"], record["owner"]) if done and take_next else None
+        written, following = self.commits.run(write)
         self.waiters.notify(running.id)
-        return bool(done)
+        return written, following
 
     def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
         now = time.time()
@@ -5038,7 +5105,10 @@ class RedisCalls:
         end
         if depth >= tonumber(ARGV[4]) then return {'full', tostring(depth)} end
         local fields = {}
-        for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+        for name, value in pairs(cjson.decode(ARGV[7])) do
+            fields[#fields + 1] = name
+            fields[#fields + 1] = value
+        end
         redis.call('HSET', KEYS[1], unpack(fields))
         local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
         redis.call('HSET', KEYS[1], 'created', fmt(now), 'deadline', fmt(now + tonumber(ARGV[6])),
@@ -5049,30 +5119,45 @@ class RedisCalls:
         if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
         return {'ok', fmt(now)}
     """
-    CLAIM = LUA_NOW + """
-        local function drop() redis.call('XACK', KEYS[2], ARGV[2], ARGV[4]); redis.call('XDEL', KEYS[2], ARGV[4]) end
-        if redis.call('HGET', KEYS[1], 'status') ~= 'queued' or redis.call('HGET', KEYS[1], 'entry') ~= ARGV[4] then
-            drop()
-            return {'skip'}
-        end
-        if now > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
-            drop()
-            redis.call('HSET', KEYS[1], 'status', 'expired', 'finished', fmt(now), 'answer', ARGV[7])
-            redis.call('EXPIRE', KEYS[1], ARGV[3])
-            done(ARGV[1], 'expired')
-            return {'expired'}
-        end
-        redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-        redis.call('HSET', KEYS[1], 'status', 'running', 'node', ARGV[5], 'owner', ARGV[6], 'started', fmt(now))
-        redis.call('HDEL', KEYS[1], 'cancel')
-        redis.call('EXPIRE', KEYS[1], ARGV[3])
-        if redis.call('HGET', KEYS[1], 'kind') == 'sync' then done(ARGV[1], 'running') end
-        return {'run', redis.call('HGETALL', KEYS[1])}
+    # claim(): the queue entry `entry` of `stream`, read by this node, becomes its running
+    # call: {'run', record as JSON, whether its version still exists}, or {'expired', id} or
+    # {'skip'}. (One JSON text, and one for the fields at ENQUEUE, instead of a reply or an
+    # argument per field: redis-py spends most of its time per element.)
+    # `versions` is the store's key prefix of a function's version set.
+    LUA_CLAIM = LUA_NOW + """
+local function claim(key, stream, entry, id, node, owner, expired, versions)
+    local function drop() redis.call('XACK', stream, ARGV[2], entry); redis.call('XDEL', stream, entry) end
+    if redis.call('HGET', key, 'status') ~= 'queued' or redis.call('HGET', key, 'entry') ~= entry then
+        drop()
+        return {'skip'}
+    end
+    if now > tonumber(redis.call('HGET', key, 'deadline')) then
+        drop()
+        redis.call('HSET', key, 'status', 'expired', 'finished', fmt(now), 'answer', expired)
+        redis.call('EXPIRE', key, ARGV[3])
+        done(id, 'expired')
+        return {'expired', id}
+    end
+    redis.call('HINCRBY', key, 'attempt', 1)
+    redis.call('HSET', key, 'status', 'running', 'node', node, 'owner', owner, 'started', fmt(now))
+    redis.call('HDEL', key, 'cancel')
+    redis.call('EXPIRE', key, ARGV[3])
+    if redis.call('HGET', key, 'kind') == 'sync' then done(id, 'running') end
+    local fields, record = redis.call('HGETALL', key), {}
+    for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+    local exists = redis.call('ZSCORE', versions .. record['path'] .. ':versions', record['version'])
+    return {'run', cjson.encode(record), exists and 1 or 0}
+end
+"""
+    CLAIM = LUA_CLAIM + """
+        return claim(KEYS[1], KEYS[2], ARGV[4], ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
     """
-    FINISH = LUA_NOW + """
+    # After the final write, with ARGV[8] = '1': claim the next queued call for this node
+    # (spilled sync calls first), so that under load a call needs no read of its own.
+    FINISH = LUA_CLAIM + """
         if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4]
                 or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[5] then
-            return 0
+            return {0}
         end
         local entry = redis.call('HGET', KEYS[1], 'entry')
         redis.call('HSET', KEYS[1], 'status', ARGV[6], 'answer', ARGV[7], 'finished', fmt(now))
@@ -5082,7 +5167,16 @@ class RedisCalls:
         redis.call('XDEL', KEYS[2], entry)
         if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ARGV[3]) end
         done(ARGV[1], ARGV[6])
-        return 1
+        if ARGV[8] ~= '1' then return {1} end
+        for _, stream in ipairs({KEYS[5], KEYS[6]}) do
+            local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[9], 'COUNT', 1, 'STREAMS', stream, '>')
+            if read then
+                local entry = read[1][2][1]
+                local id = entry[2][2]
+                return {1, claim(ARGV[10] .. id, stream, entry[1], id, ARGV[9], ARGV[4], ARGV[11], ARGV[12])}
+            end
+        end
+        return {1}
     """
     CANCEL = LUA_NOW + """
         local status = redis.call('HGET', KEYS[1], 'status')
@@ -5175,6 +5269,9 @@ class RedisCalls:
         self.scripts = {name: self.redis.register_script(getattr(self, name))
                         for name in ("ENQUEUE", "CLAIM", "FINISH", "CANCEL", "RECOVER", "SWEEP")}
         self.node_key = self.key(f"node:{self.config.node_id}")
+        self.versions_prefix = store.keys("")[1]   # + path + ':versions' is a function's version set
+        self.expired_answer = json.dumps(final_answer("expired", "the call was not started within its maximum "
+                                                                 "queued age"))
         self.stop = threading.Event()
         self.create_groups()
         self.join()
@@ -5198,13 +5295,11 @@ class RedisCalls:
                     raise
 
     # -- records ------------------------------------------------------------------------------
-    def encode(self, record: dict[str, Any]) -> list[str]:
-        fields: list[str] = []
-        for name, value in record.items():
-            if value is None or name in ("created", "deadline", "entry", "stream"):
-                continue
-            fields += [name, json.dumps(value) if name in self.JSON_FIELDS else str(value)]
-        return fields
+    def encode(self, record: dict[str, Any]) -> str:
+        """The record's fields as one JSON object of strings (ENQUEUE stores each in the hash)."""
+        return json.dumps({name: json.dumps(value) if name in self.JSON_FIELDS else str(value)
+                           for name, value in record.items()
+                           if value is not None and name not in ("created", "deadline", "entry", "stream")})
 
     def decode(self, fields: dict[str, str]) -> dict[str, Any]:
         record: dict[str, Any] = dict(fields)
@@ -5227,7 +5322,7 @@ class RedisCalls:
         stream = self.streams[record["kind"]]
         idem = self.key(f"idem:{record['idem']}") if record.get("idem") else self.key("idem:-")
         reply = self.run_script("ENQUEUE", record["id"], stream, [self.key("calls:index"), idem],
-                                [max_queue, int(bool(record.get("idem"))), record["max_age"], *self.encode(record)])
+                                [max_queue, int(bool(record.get("idem"))), record["max_age"], self.encode(record)])
         if reply[0] == "replay":
             found = self.get(reply[1])
             if found is None:
@@ -5243,11 +5338,16 @@ class RedisCalls:
         fields = self.redis.hgetall(self.record_key(call_id))
         return self.decode(fields) if fields else None
 
-    def finish(self, running: RunningCall, status: str, answer: dict[str, Any]) -> bool:
+    def finish(self, running: RunningCall, status: str, answer: dict[str, Any],
+               take_next: bool) -> tuple[bool, dict[str, Any] | None]:
+        """(written, the next queued call claimed by the same script when `take_next`)."""
         self.flush(running)
         record = running.record
-        return bool(self.run_script("FINISH", running.id, record["stream"], [self.events_key(running.id)],
-                                    [record["owner"], running.attempt, status, json.dumps(answer)]))
+        reply = self.run_script("FINISH", running.id, record["stream"],
+                                [self.events_key(running.id), self.streams["sync"], self.streams["async"]],
+                                [record["owner"], running.attempt, status, json.dumps(answer), int(take_next),
+                                 self.config.node_id, self.key("call:"), self.expired_answer, self.versions_prefix])
+        return bool(reply[0]), self.claimed(reply[1]) if len(reply) > 1 else None
 
     def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
         answer = json.dumps(final_answer("cancelled", "the call was cancelled before it started"))
@@ -5385,18 +5485,23 @@ class RedisCalls:
             return
         try:
             reply = self.run_script("CLAIM", call_id, stream, [], [
-                entry_id, self.config.node_id, self.calls.owner,
-                json.dumps(final_answer("expired", "the call was not started within its maximum queued age"))])
+                entry_id, self.config.node_id, self.calls.owner, self.expired_answer, self.versions_prefix])
         except BaseException:
             slots.release()
             raise
-        if reply[0] != "run":
+        record = self.claimed(reply)
+        if record is None:
             slots.release()
-            if reply[0] == "expired":
-                self.calls.ended(call_id)
             return
-        raw = reply[1]
-        self.calls.start_run(self.decode(dict(zip(raw[::2], raw[1::2]))))
+        self.calls.start_run(record)
+
+    def claimed(self, reply: list[Any]) -> dict[str, Any] | None:
+        """The record of a call the Lua claim() gave this node, or None (an expired call ends here)."""
+        if reply[0] == "expired":
+            self.calls.ended(reply[1])
+        if reply[0] != "run":
+            return None
+        return {**self.decode(json.loads(reply[1])), "version_exists": bool(reply[2])}
 
     def read_done(self) -> None:
         """Completions from every server wake this server's waiters; a cancel reaches the
@@ -5466,10 +5571,9 @@ class RedisCalls:
         groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
         if self.GROUP not in groups:
             return
-        answer = json.dumps(final_answer("expired", "the call was not started within its maximum queued age"))
         for entry_id, fields in self.redis.xrange(stream, f"({groups[self.GROUP]['last-delivered-id']}", "+",
                                                   count=100):
-            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, answer]):
+            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, self.expired_answer]):
                 self.calls.metrics.inc("faas_calls_final_total", status="expired")
                 self.calls.ended(fields["id"])
 

@@ -186,6 +186,35 @@ def test_cancel_a_queued_call_never_starts_it_and_a_running_one_is_killed(server
     assert final(server, submitted(server, "echo", 1))["status"] == "ok", "the server still serves"
 
 
+def test_a_call_whose_version_is_deleted_while_it_waits_ends_with_a_404_error(server, uid):
+    """The claim checks that the version still exists (its code is in the server's memory
+    since the submit), and the queued call after it still runs."""
+    first, second = (server.upload(f"{uid}/f", "python", code).body["version"] for code in (ECHO, "return 'v2'"))
+    busy = [submitted(server, "sleep", {"s": 1.5}) for _ in range(2)]
+    for call_id in busy:
+        until_status(server, call_id, ("running",))
+    doomed = submitted(server, f"{uid}/f", 1, query=f"?async=1&version={first}")
+    after = submitted(server, f"{uid}/f", 2, query=f"?async=1&version={second}")
+    assert_ok(server.request("DELETE", f"/functions/{uid}/f?version={first}"))
+    gone = final(server, doomed)
+    assert gone["status"] == "error" and f"no version {first}" in gone["error"], gone
+    assert final(server, after)["data"] == "v2"
+    assert final(server, busy[0])["status"] == "ok"
+
+
+def test_a_sync_call_takes_the_next_free_slot_before_queued_async_calls(server):
+    """A slot that frees while async calls are queued passes to the next of them, unless a
+    sync call waits for one (on SQLite it waits for a slot; on Redis it is spilled to the
+    sync queue, which is read first)."""
+    queued = [submitted(server, "sleep", {"s": 1}) for _ in range(8)]
+    until_status(server, queued[0], ("running",))
+    assert assert_ok(server.run("echo", {"now": 1}))["data"] == {"now": 1}
+    statuses = [record(server, call_id)["status"] for call_id in queued]
+    assert statuses.count("queued") >= 2, statuses
+    for call_id in queued:
+        assert final(server, call_id)["status"] == "ok"
+
+
 def test_idempotency_key_gives_the_same_call_and_refuses_a_different_body(server, uid):
     server.upload(f"{uid}/f", "python", ECHO)
     headers = {"Idempotency-Key": f"order-{uid}"}
