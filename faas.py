@@ -4397,12 +4397,20 @@ class Waiters:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.events: dict[str, list[threading.Event]] = {}
+        self.arrived = threading.Event()   # someone registered (wakes a pausing reader of completions)
 
     def register(self, call_id: str) -> threading.Event:
         event = threading.Event()
         with self.lock:
             self.events.setdefault(call_id, []).append(event)
+        self.arrived.set()
         return event
+
+    def pause_while_nobody_waits(self, seconds: float) -> None:
+        """Let completions gather for up to `seconds` while nobody here waits for one."""
+        self.arrived.clear()
+        if not self.events:
+            self.arrived.wait(seconds)
 
     def unregister(self, call_id: str, event: threading.Event) -> None:
         with self.lock:
@@ -5253,6 +5261,7 @@ end
     FLOAT_FIELDS = ("created", "started", "finished", "deadline", "max_age")
     JSON_FIELDS = ("request", "answer", "callback")
     BLOCK_MS = 1000   # below the socket timeout, or a blocked read stalls (research §3.5)
+    DONE_PAUSE = 0.05   # seconds: at most this late, a cancel sent through another server arrives
 
     def __init__(self, store: RedisStore, config: Config, calls: Calls) -> None:
         import redis
@@ -5521,6 +5530,8 @@ end
                     if fields.get("status") == "cancelling" and call_id in self.calls.running:
                         self.calls.cancel_local(call_id)
                     self.calls.waiters.notify(call_id)
+            if reply:   # under load, a read per completion costs more than the completions
+                self.calls.waiters.pause_while_nobody_waits(self.DONE_PAUSE)
 
     def heartbeat(self) -> None:
         """Every lease/3: renew the lease, touch the queue entries of running calls (so no
