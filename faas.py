@@ -4397,7 +4397,7 @@ class Waiters:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.events: dict[str, list[threading.Event]] = {}
-        self.arrived = threading.Event()   # someone registered (wakes a pausing reader of completions)
+        self.arrived = threading.Event()   # someone registered: wakes a pausing reader of completions
 
     def register(self, call_id: str) -> threading.Event:
         event = threading.Event()
@@ -4406,11 +4406,10 @@ class Waiters:
         self.arrived.set()
         return event
 
-    def pause_while_nobody_waits(self, seconds: float) -> None:
-        """Let completions gather for up to `seconds` while nobody here waits for one."""
+    def pause(self, seconds: float) -> None:
+        """Let completions gather for up to `seconds`, or until someone new waits for one."""
         self.arrived.clear()
-        if not self.events:
-            self.arrived.wait(seconds)
+        self.arrived.wait(seconds)
 
     def unregister(self, call_id: str, event: threading.Event) -> None:
         with self.lock:
@@ -4420,10 +4419,13 @@ class Waiters:
             if not events:
                 self.events.pop(call_id, None)
 
-    def notify(self, call_id: str) -> None:
+    def notify(self, call_id: str) -> bool:
+        """Wake the waiters of `call_id`; whether there were any."""
         with self.lock:
-            for event in self.events.get(call_id, ()):
+            events = self.events.get(call_id, ())
+            for event in events:
                 event.set()
+            return bool(events)
 
 
 def is_final(record: dict[str, Any]) -> bool:
@@ -5261,7 +5263,11 @@ end
     FLOAT_FIELDS = ("created", "started", "finished", "deadline", "max_age")
     JSON_FIELDS = ("request", "answer", "callback")
     BLOCK_MS = 1000   # below the socket timeout, or a blocked read stalls (research §3.5)
-    DONE_PAUSE = 0.05   # seconds: at most this late, a cancel sent through another server arrives
+    # After a read of completions nobody here waited for, the next read waits this long
+    # (seconds), unless someone starts waiting: a completion of a call another server ran,
+    # or a cancel through another server, is then at most this late. The calls this server
+    # ends wake its waiters at once (finish).
+    DONE_PAUSE = 0.02
 
     def __init__(self, store: RedisStore, config: Config, calls: Calls) -> None:
         import redis
@@ -5356,6 +5362,7 @@ end
                                 [self.events_key(running.id), self.streams["sync"], self.streams["async"]],
                                 [record["owner"], running.attempt, status, json.dumps(answer), int(take_next),
                                  self.config.node_id, self.key("call:"), self.expired_answer, self.versions_prefix])
+        self.calls.waiters.notify(running.id)
         return bool(reply[0]), self.claimed(reply[1]) if len(reply) > 1 else None
 
     def cancel(self, call_id: str) -> tuple[str, dict[str, Any] | None]:
@@ -5523,15 +5530,16 @@ end
             except (redis.ConnectionError, redis.TimeoutError):
                 self.stop.wait(0.5)
                 continue
+            awaited = False
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
                     call_id = fields.get("id", "")
                     if fields.get("status") == "cancelling" and call_id in self.calls.running:
                         self.calls.cancel_local(call_id)
-                    self.calls.waiters.notify(call_id)
-            if reply:   # under load, a read per completion costs more than the completions
-                self.calls.waiters.pause_while_nobody_waits(self.DONE_PAUSE)
+                    awaited |= self.calls.waiters.notify(call_id)
+            if reply and not awaited:   # under load, a read per completion costs more than they
+                self.calls.waiters.pause(self.DONE_PAUSE)
 
     def heartbeat(self) -> None:
         """Every lease/3: renew the lease, touch the queue entries of running calls (so no
