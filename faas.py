@@ -3052,9 +3052,10 @@ class Secrets:
     def env(self, path: str) -> dict[str, str]:
         """The values for one call of the function at `path`."""
         found = self.stored.get(path)
-        if found is None:
-            return {}
-        plaintext = self.box().open(path, found[1])
+        return self.open(path, found[1]) if found is not None else {}
+
+    def open(self, path: str, sealed: str) -> dict[str, str]:
+        plaintext = self.box().open(path, sealed)
         if plaintext is None:
             raise ApiError(500, f"the secrets of '{path}' cannot be decrypted with this server's key: "
                                 "set them again, or give every server the same FAAS_SECRET_KEY")
@@ -4097,7 +4098,7 @@ class Invoker:
             self.versions.put((path, number), found, len(found.code) + len(found.compiled or ""))
         return found
 
-    def needs(self, version: Version) -> tuple[dict[str, Any], dict[str, Any]]:
+    def needs(self, version: Version, env: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """What a stored version needs to run on this server, settled before it takes a slot:
         the operator's leave to use the internet, its libraries' layer (built here first if
         this node lacks it, which is not charged to the timeout), its function's secrets.
@@ -4111,7 +4112,9 @@ class Invoker:
             layer = self.layers.ensure(version.deps)
             if not layer.cached:
                 extra["deps_build_ms"] = layer.build_ms
-        return {"deps": version.deps, "env": self.secrets.env(version.path), "network": version.network}, extra
+        if env is None:
+            env = self.secrets.env(version.path)
+        return {"deps": version.deps, "env": env, "network": version.network}, extra
 
     def invoke(self, function: str, runtime: Runtime, code: str, event: Any, limits: Limits,
                sink: LineSink | None, on_start: Callable[[], None] | None = None, reserved: bool = False,
@@ -4594,7 +4597,7 @@ class Calls:
         try:
             version = self.claimed_version(record)
             limits = Limits(**record["request"]["limits"])
-            needs, extra = self.invoker.needs(version)
+            needs, extra = self.invoker.needs(version, self.claimed_secrets(record))
             code, answer, after_answer = self.invoker.invoke(
                 record["path"], RUNTIMES[version.language], version.runnable, record["request"]["input"],
                 limits, running.sink, reserved=True, on_sandbox=running.on_sandbox, **needs)
@@ -4624,6 +4627,13 @@ class Calls:
             elif take_next:
                 slots.release()
             after_answer()
+
+    def claimed_secrets(self, record: dict[str, Any]) -> dict[str, str] | None:
+        """The function's secrets when the claim read them (Redis: no round trip of their own)."""
+        if "sealed_secrets" not in record:
+            return None
+        sealed = record["sealed_secrets"]
+        return self.invoker.secrets.open(record["path"], sealed) if sealed else {}
 
     def claimed_version(self, record: dict[str, Any]) -> Version:
         """The version a claimed call runs: the claim checked that it still exists."""
@@ -5130,12 +5140,12 @@ class RedisCalls:
         return {'ok', fmt(now)}
     """
     # claim(): the queue entry `entry` of `stream`, read by this node, becomes its running
-    # call: {'run', record as JSON, whether its version still exists}, or {'expired', id} or
-    # {'skip'}. (One JSON text, and one for the fields at ENQUEUE, instead of a reply or an
+    # call: {'run', record as JSON, whether its version still exists, its function's sealed
+    # secrets or ''}, or {'expired', id} or {'skip'}. (One JSON text, and one for the fields at ENQUEUE, instead of a reply or an
     # argument per field: redis-py spends most of its time per element.)
-    # `versions` is the store's key prefix of a function's version set.
+    # `versions` and `secrets` are the store's key prefixes of a function's version set and secrets.
     LUA_CLAIM = LUA_NOW + """
-local function claim(key, stream, entry, id, node, owner, expired, versions)
+local function claim(key, stream, entry, id, node, owner, expired, versions, secrets)
     local function drop() redis.call('XACK', stream, ARGV[2], entry); redis.call('XDEL', stream, entry) end
     if redis.call('HGET', key, 'status') ~= 'queued' or redis.call('HGET', key, 'entry') ~= entry then
         drop()
@@ -5156,11 +5166,12 @@ local function claim(key, stream, entry, id, node, owner, expired, versions)
     local fields, record = redis.call('HGETALL', key), {}
     for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
     local exists = redis.call('ZSCORE', versions .. record['path'] .. ':versions', record['version'])
-    return {'run', cjson.encode(record), exists and 1 or 0}
+    local sealed = redis.call('HGET', secrets .. record['path'], 'sealed')
+    return {'run', cjson.encode(record), exists and 1 or 0, sealed or ''}
 end
 """
     CLAIM = LUA_CLAIM + """
-        return claim(KEYS[1], KEYS[2], ARGV[4], ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+        return claim(KEYS[1], KEYS[2], ARGV[4], ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
     """
     # After the final write, with ARGV[8] = '1': claim the next queued call for this node
     # (spilled sync calls first), so that under load a call needs no read of its own.
@@ -5183,7 +5194,8 @@ end
             if read then
                 local entry = read[1][2][1]
                 local id = entry[2][2]
-                return {1, claim(ARGV[10] .. id, stream, entry[1], id, ARGV[9], ARGV[4], ARGV[11], ARGV[12])}
+                return {1, claim(ARGV[10] .. id, stream, entry[1], id, ARGV[9], ARGV[4], ARGV[11], ARGV[12],
+                                 ARGV[13])}
             end
         end
         return {1}
@@ -5285,6 +5297,7 @@ end
                         for name in ("ENQUEUE", "CLAIM", "FINISH", "CANCEL", "RECOVER", "SWEEP")}
         self.node_key = self.key(f"node:{self.config.node_id}")
         self.versions_prefix = store.keys("")[1]   # + path + ':versions' is a function's version set
+        self.secrets_prefix = RedisSecrets(store).key("")   # + path is a function's secrets
         self.expired_answer = json.dumps(final_answer("expired", "the call was not started within its maximum "
                                                                  "queued age"))
         self.stop = threading.Event()
@@ -5361,7 +5374,8 @@ end
         reply = self.run_script("FINISH", running.id, record["stream"],
                                 [self.events_key(running.id), self.streams["sync"], self.streams["async"]],
                                 [record["owner"], running.attempt, status, json.dumps(answer), int(take_next),
-                                 self.config.node_id, self.key("call:"), self.expired_answer, self.versions_prefix])
+                                 self.config.node_id, self.key("call:"), self.expired_answer, self.versions_prefix,
+                                 self.secrets_prefix])
         self.calls.waiters.notify(running.id)
         return bool(reply[0]), self.claimed(reply[1]) if len(reply) > 1 else None
 
@@ -5501,7 +5515,8 @@ end
             return
         try:
             reply = self.run_script("CLAIM", call_id, stream, [], [
-                entry_id, self.config.node_id, self.calls.owner, self.expired_answer, self.versions_prefix])
+                entry_id, self.config.node_id, self.calls.owner, self.expired_answer, self.versions_prefix,
+                self.secrets_prefix])
         except BaseException:
             slots.release()
             raise
@@ -5517,7 +5532,7 @@ end
             self.calls.ended(reply[1])
         if reply[0] != "run":
             return None
-        return {**self.decode(json.loads(reply[1])), "version_exists": bool(reply[2])}
+        return {**self.decode(json.loads(reply[1])), "version_exists": bool(reply[2]), "sealed_secrets": reply[3]}
 
     def read_done(self) -> None:
         """Completions from every server wake this server's waiters; a cancel reaches the

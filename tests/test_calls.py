@@ -202,6 +202,20 @@ def test_a_call_whose_version_is_deleted_while_it_waits_ends_with_a_404_error(se
     assert final(server, busy[0])["status"] == "ok"
 
 
+def test_queued_calls_taken_as_the_call_before_them_ends_get_their_secrets(server, uid):
+    """With both slots busy, each queued call is claimed by the final write of the call
+    before it (on Redis that script also reads the function's secrets)."""
+    path = f"{uid}/secretive"
+    server.upload(path, "python", "import os\nreturn os.environ.get('TOKEN')")
+    assert_ok(server.request("PUT", f"/functions/{path}/secrets", {"TOKEN": "t-" + uid}))
+    busy = [submitted(server, "sleep", {"s": 1}) for _ in range(2)]
+    for call_id in busy:
+        until_status(server, call_id, ("running",))
+    queued = [submitted(server, path) for _ in range(3)]
+    for call_id in queued:
+        assert final(server, call_id)["data"] == "t-" + uid
+
+
 def test_a_sync_call_takes_the_next_free_slot_before_queued_async_calls(server):
     """A slot that frees while async calls are queued passes to the next of them, unless a
     sync call waits for one (on SQLite it waits for a slot; on Redis it is spilled to the
