@@ -7306,8 +7306,8 @@ def run_deps(config: Config, action: str, dry_run: bool) -> int:
 
 def prefetch(config: Config, store: Store, layers: Layers) -> int:
     """Build every layer a stored version references and this node lacks."""
-    runtime_dir = Path(tempfile.mkdtemp(prefix="faas-runtime-"))
-    backend = choose_limit_backend(config)
+    runtime_dir = Path(tempfile.mkdtemp(prefix=f"faas-runtime-{os.getpid()}-"))   # a server's start sweeps it if
+    backend = choose_limit_backend(config)                                         # this process dies first
     layers.sandbox = Sandbox(config, backend, runtime_dir, layers.layers if layers.available else None)
     failed = 0
     try:
