@@ -25,6 +25,7 @@ are measured in the same run, not absolute figures.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -103,13 +104,15 @@ def main(argv: list[str]) -> int:
     base.check_prerequisites()
     print(f"load     at start {base.loadavg()} (1/5/15 min); the machine may be shared: compare ratios")
     root = Path(tempfile.mkdtemp(prefix="faas-bench-zygote-"))
-    # one zygote for the whole run, so the many-calls run watches a single one (default: 1000)
-    zygote = base.Server("zygote", None, root, args.server_python,
-                         {"FAAS_ZYGOTE": "on", "FAAS_ZYGOTE_CALLS": "1000000"})
-    bwrap = base.Server("bwrap", None, root, args.server_python, {"FAAS_ZYGOTE": "off"})
-    servers = [zygote, bwrap]
+    servers: list[base.Server] = []
     errors = 0
     try:
+        # one zygote for the whole run, so the many-calls run watches a single one (default: 1000)
+        zygote = base.Server("zygote", None, root, args.server_python,
+                             {"FAAS_ZYGOTE": "on", "FAAS_ZYGOTE_CALLS": "1000000"})
+        servers.append(zygote)
+        bwrap = base.Server("bwrap", None, root, args.server_python, {"FAAS_ZYGOTE": "off"})
+        servers.append(bwrap)
         for server in servers:
             server.upload()
             server.wait_pool_full()
@@ -203,6 +206,7 @@ def main(argv: list[str]) -> int:
     finally:
         for server in servers:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     if errors:
         print(f"ERROR    {errors} calls failed")
         return 1
