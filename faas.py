@@ -5141,9 +5141,10 @@ class RedisCalls:
     """
     # claim(): the queue entry `entry` of `stream`, read by this node, becomes its running
     # call: {'run', record as JSON, whether its version still exists, its function's sealed
-    # secrets or ''}, or {'expired', id} or {'skip'}. (One JSON text, and one for the fields at ENQUEUE, instead of a reply or an
-    # argument per field: redis-py spends most of its time per element.)
-    # `versions` and `secrets` are the store's key prefixes of a function's version set and secrets.
+    # secrets or ''}, or {'expired', id} or {'skip'}. `versions` and `secrets` are the
+    # store's key prefixes of a function's version set and secrets. (The record travels as
+    # one JSON text, here and at ENQUEUE, not as a reply element or an argument per field:
+    # redis-py spends most of its time per element.)
     LUA_CLAIM = LUA_NOW + """
 local function claim(key, stream, entry, id, node, owner, expired, versions, secrets)
     local function drop() redis.call('XACK', stream, ARGV[2], entry); redis.call('XDEL', stream, entry) end
