@@ -4101,8 +4101,9 @@ class Invoker:
     def needs(self, version: Version, env: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """What a stored version needs to run on this server, settled before it takes a slot:
         the operator's leave to use the internet, its libraries' layer (built here first if
-        this node lacks it, which is not charged to the timeout), its function's secrets.
-        Returns invoke's keyword arguments and the answer's extra fields."""
+        this node lacks it, which is not charged to the timeout), its function's secrets
+        (read here unless the caller has them: `env`, from a Redis claim). Returns invoke's
+        keyword arguments and the answer's extra fields."""
         if version.network == "internet" and self.config.network != "allow":
             raise ApiError(403, f"version {version.version} of '{version.path}' uses the internet, but network "
                                 "access is disabled on this server (FAAS_NETWORK=off); the operator must set "
@@ -4201,7 +4202,7 @@ def first_line_number(message: str) -> int | None:
 
 
 # ==========================================================================================
-# 6b. Calls (asynchronous calls with a queryable record)
+# 6b. Calls: records, the calls this server runs, waiters and workers
 # ==========================================================================================
 # Asynchronous calls with a queryable record (research/async.md). The record is the truth:
 # a queue entry only says "someone should look at this call". Every state change of a
@@ -4462,6 +4463,11 @@ class Workers:
             with self.lock:
                 self.idle += 1
             task = self.tasks.get()
+
+
+# ==========================================================================================
+# 6c. Calls: submit, run, wait, follow, cancel, spill (on either store)
+# ==========================================================================================
 
 
 class Calls:
@@ -4822,7 +4828,7 @@ class Calls:
 
 
 # ==========================================================================================
-# 6c. Calls on SQLite (one server)
+# 6d. Calls on SQLite (one server)
 # ==========================================================================================
 
 Written = TypeVar("Written")
@@ -5087,7 +5093,7 @@ class SQLiteCalls:
 
 
 # ==========================================================================================
-# 6d. Calls on Redis (many servers, one queue)
+# 6e. Calls on Redis (many servers, one queue)
 # ==========================================================================================
 
 LUA_NOW = """
@@ -5679,7 +5685,7 @@ end
 
 
 # ==========================================================================================
-# 6e. Callbacks and the HTTP side of calls
+# 6f. Callbacks and the HTTP side of calls
 # ==========================================================================================
 
 class PinnedHTTPConnection(http.client.HTTPConnection):
