@@ -4295,6 +4295,9 @@ def final_answer(status: str, message: str) -> dict[str, Any]:
     return {"http": CALL_CODES[status], "error": message, "status": status}
 
 
+EXPIRED_ANSWER = final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE")
+
+
 def final_event(record: dict[str, Any]) -> dict[str, Any]:
     """The last SSE event of a call: the same `result`/`error` event a sync stream ends with."""
     answer = dict(record.get("answer") or {})
@@ -5014,7 +5017,7 @@ class SQLiteCalls:
 
     def expire_queued(self) -> list[str]:
         now = time.time()
-        answer = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
+        answer = json.dumps(EXPIRED_ANSWER)
         ids = [row[0] for row in self.commits.run(lambda db: db.execute(
             "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
             "WHERE status='queued' AND deadline<? RETURNING id",
@@ -5320,8 +5323,7 @@ end
         self.node_key = self.key(f"node:{self.config.node_id}")
         self.versions_prefix = store.keys("")[1]   # + path + ':versions' is a function's version set
         self.secrets_prefix = RedisSecrets(store).key("")   # + path is a function's secrets
-        self.expired_answer = json.dumps(final_answer("expired", "the call was not started within its maximum "
-                                                                 "queued age"))
+        self.expired_answer = json.dumps(EXPIRED_ANSWER)
         self.stop = threading.Event()
         self.create_groups()
         self.join()

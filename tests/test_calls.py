@@ -288,6 +288,7 @@ def test_queue_depth_is_bounded_and_a_call_queued_too_long_expires(bounded):
     for call_id in waiting:
         done = final(bounded, call_id)
         assert done["status"] == "expired" and done["started"] is None, done
+        assert "FAAS_ASYNC_MAX_AGE" in done["error"], done   # the same message on both stores
     assert final(bounded, busy)["status"] == "ok"
 
 
