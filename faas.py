@@ -4441,8 +4441,9 @@ def is_final(record: dict[str, Any]) -> bool:
 
 class Workers:
     """Threads that run claimed calls, kept for the next call: starting a thread per call
-    cost about a tenth of a millisecond of CPU. At most as many as run slots ever ran at
-    once, since every task holds a slot."""
+    cost about a tenth of a millisecond of CPU. About as many as run slots ever ran at
+    once, since every task holds a slot (a task given while a worker has released its slot
+    but is not idle yet starts one more)."""
 
     def __init__(self) -> None:
         self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
