@@ -4295,7 +4295,8 @@ def final_answer(status: str, message: str) -> dict[str, Any]:
     return {"http": CALL_CODES[status], "error": message, "status": status}
 
 
-EXPIRED_ANSWER = final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE")
+# the stored answer (JSON) of a call that waited too long to start, on either store
+EXPIRED_ANSWER = json.dumps(final_answer("expired", "the call was not started within FAAS_ASYNC_MAX_AGE"))
 
 
 def final_event(record: dict[str, Any]) -> dict[str, Any]:
@@ -5018,7 +5019,7 @@ class SQLiteCalls:
 
     def expire_queued(self) -> list[str]:
         now = time.time()
-        answer = json.dumps(EXPIRED_ANSWER)
+        answer = EXPIRED_ANSWER
         ids = [row[0] for row in self.commits.run(lambda db: db.execute(
             "UPDATE calls SET status='expired', finished=?, answer=?, expires=? "
             "WHERE status='queued' AND deadline<? RETURNING id",
@@ -5324,7 +5325,6 @@ end
         self.node_key = self.key(f"node:{self.config.node_id}")
         self.versions_prefix = store.keys("")[1]   # + path + ':versions' is a function's version set
         self.secrets_prefix = RedisSecrets(store).key("")   # + path is a function's secrets
-        self.expired_answer = json.dumps(EXPIRED_ANSWER)
         self.stop = threading.Event()
         self.create_groups()
         self.join()
@@ -5399,7 +5399,7 @@ end
         reply = self.run_script("FINISH", running.id, record["stream"],
                                 [self.events_key(running.id), self.streams["sync"], self.streams["async"]],
                                 [record["owner"], running.attempt, status, json.dumps(answer), int(take_next),
-                                 self.config.node_id, self.key("call:"), self.expired_answer, self.versions_prefix,
+                                 self.config.node_id, self.key("call:"), EXPIRED_ANSWER, self.versions_prefix,
                                  self.secrets_prefix])
         self.calls.waiters.notify(running.id)
         return bool(reply[0]), self.claimed(reply[1]) if len(reply) > 1 else None
@@ -5540,7 +5540,7 @@ end
             return
         try:
             reply = self.run_script("CLAIM", call_id, stream, [], [
-                entry_id, self.config.node_id, self.calls.owner, self.expired_answer, self.versions_prefix,
+                entry_id, self.config.node_id, self.calls.owner, EXPIRED_ANSWER, self.versions_prefix,
                 self.secrets_prefix])
         except BaseException:
             slots.release()
@@ -5632,7 +5632,7 @@ end
             return
         for entry_id, fields in self.redis.xrange(stream, f"({groups[self.GROUP]['last-delivered-id']}", "+",
                                                   count=100):
-            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, self.expired_answer]):
+            if self.run_script("SWEEP", fields.get("id", ""), stream, [], [entry_id, EXPIRED_ANSWER]):
                 self.calls.metrics.inc("faas_calls_final_total", status="expired")
                 self.calls.ended(fields["id"])
 
@@ -7331,8 +7331,9 @@ def run_deps(config: Config, action: str, dry_run: bool) -> int:
 
 def prefetch(config: Config, store: Store, layers: Layers) -> int:
     """Build every layer a stored version references and this node lacks."""
-    runtime_dir = Path(tempfile.mkdtemp(prefix=f"faas-runtime-{os.getpid()}-"))   # a server's start sweeps it if
-    backend = choose_limit_backend(config)                                         # this process dies first
+    # named with this pid, like a server's: a server's start-up sweeps it if this process dies first
+    runtime_dir = Path(tempfile.mkdtemp(prefix=f"faas-runtime-{os.getpid()}-"))
+    backend = choose_limit_backend(config)
     layers.sandbox = Sandbox(config, backend, runtime_dir, layers.layers if layers.available else None)
     failed = 0
     try:
